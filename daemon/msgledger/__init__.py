@@ -1,0 +1,1 @@
+"""msgledger: the durable record of every outbound Twilio message."""

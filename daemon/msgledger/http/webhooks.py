@@ -1,0 +1,204 @@
+"""The webhook receiver: `POST /twilio/status` and `POST /twilio/debugger`.
+
+A lean ASGI path in front of Quart, because this is the hot route: Quart's request object
+and form parsing cost about a third of each request (DESIGN.md figures), `parse_qsl` does
+the same work in a fraction of it. The order of checks is the contract:
+size (413) -> content type (415) -> signature (403, nothing journaled) -> required fields
+(400) -> journal -> 200 only once the event is committed, 503 if not within `ack_timeout`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, parse_qsl
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable as Receive
+from hypercorn.typing import ASGISendCallable as Send
+from hypercorn.typing import HTTPScope as Scope
+
+from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
+from ..logs import get_logger
+from ..metrics import Metrics
+from .signature import SignatureChecker
+
+MAX_FORM_FIELDS = 200  # Twilio sends about 15; more is abuse, not a callback
+FORM_TYPE = b"application/x-www-form-urlencoded"
+# Headers kept with each event: Twilio's own (the signature lets an auditor re-check the
+# callback later; the idempotency token tells retries apart) and the user agent.
+KEPT_HEADER_PREFIXES = (b"x-twilio-", b"i-twilio-", b"user-agent")
+
+log = get_logger("msgledger.webhooks")
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # "status" | "debugger", the metrics label
+    required: tuple[str, ...]  # form fields without which the request is 400
+
+
+ROUTES = {
+    "/twilio/status": Route("status", ("MessageSid", "MessageStatus")),
+    "/twilio/debugger": Route("debugger", ("Sid",)),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    http_status: int
+    reason: str
+    event: Event | None = None
+    seq: int | None = None
+
+
+class Refused(Exception):
+    """The request is answered with `http_status` and nothing is journaled."""
+
+    def __init__(self, http_status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+        self.reason = reason
+
+
+class WebhookReceiver:
+    """ASGI app for the two webhook routes; everything it accepts is on disk."""
+
+    def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, max_body: int,
+                 ack_timeout: float, metrics: Metrics, public_url: str | None = None) -> None:
+        self.intake = intake
+        self.checker = checker
+        self.max_body = max_body
+        self.ack_timeout = ack_timeout
+        self.metrics = metrics
+        self.public_url = public_url  # set by the wiring once the listener is bound
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES[scope["path"]]
+        started = time.perf_counter()
+        try:
+            outcome = await self._handle(route, scope, receive)
+        except Refused as refused:
+            outcome = Outcome(refused.http_status, refused.reason)
+        await _respond(send, outcome.http_status, outcome.reason)
+        self._account(route, outcome, time.perf_counter() - started)
+
+    async def _handle(self, route: Route, scope: Scope, receive: Receive) -> Outcome:
+        if scope["method"] != "POST":
+            raise Refused(405, "method not allowed")
+        headers = _headers(scope)
+        body = await _read_body(receive, headers, self.max_body)
+        if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != FORM_TYPE:
+            raise Refused(415, "expected application/x-www-form-urlencoded")
+        pairs = _parse_form(body)
+        url = self._url(scope)
+        signature = headers.get(b"x-twilio-signature")
+        if signature is None:
+            raise Refused(403, "missing X-Twilio-Signature")
+        settings = headers.get(b"x-twilio-webhooks-signature-settings")
+        if not self.checker.check(url, pairs, signature.decode("latin-1"),
+                                  settings.decode("latin-1") if settings else None):
+            raise Refused(403, "signature does not match")
+        event = _event(route, url, scope, pairs, headers)
+        return await self._journal(event)
+
+    def _url(self, scope: Scope) -> str:
+        """The URL Twilio requested: the public base plus the path and query as sent."""
+        query = scope.get("query_string", b"")
+        path = scope.get("raw_path") or scope["path"].encode()
+        return f"{self.public_url}{path.decode('latin-1')}" + (
+            f"?{query.decode('latin-1')}" if query else "")
+
+    async def _journal(self, event: Event) -> Outcome:
+        ack: int | JournalUnavailable = JournalUnavailable("journal not durable in time")
+        with trio.move_on_after(self.ack_timeout):
+            ack = await journal(self.intake, event)
+        if isinstance(ack, JournalUnavailable):
+            return Outcome(503, str(ack), event)
+        return Outcome(200, "journaled", event, ack)
+
+    def _account(self, route: Route, outcome: Outcome, seconds: float) -> None:
+        self.metrics.callbacks.labels(route.name, str(outcome.http_status)).inc()
+        event = outcome.event
+        fields = {"route": route.name, "http_status": outcome.http_status,
+                  "ms": round(seconds * 1000, 3)}
+        if event is not None:
+            fields.update(sid=event.sid, ref=event.ref, status=event.status, seq=outcome.seq)
+        if outcome.http_status == 200:
+            log.info("callback_journaled", **fields)
+        else:
+            log.warning("callback_refused", reason=outcome.reason, **fields)
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return {name.lower(): value for name, value in scope["headers"]}
+
+
+async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:
+    """The body, or Refused(413) as soon as it is known to exceed `limit`."""
+    declared = headers.get(b"content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Refused(413, f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = cast(dict[str, Any], await receive())
+        if message["type"] == "http.disconnect":
+            raise Refused(400, "client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _parse_form(body: bytes) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                         max_num_fields=MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Refused(400, f"malformed form body: {e}") from e
+
+
+def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
+           headers: Mapping[bytes, bytes]) -> Event:
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        form.setdefault(name, value)
+    missing = [name for name in route.required if not form.get(name)]
+    if missing:
+        raise Refused(400, f"missing {', '.join(missing)}")
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    data = {"params": [list(p) for p in pairs], "url": url, "headers": {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
+        if k.startswith(KEPT_HEADER_PREFIXES)}}
+    ref = query.get("ref", [None])[0]
+    if route.name == "status":
+        return Event("callback", "callback", utc_now(), sid=form["MessageSid"], ref=ref,
+                     status=form["MessageStatus"], data=data)
+    return Event("debugger", "debugger", utc_now(), sid=_debugger_sid(form), ref=ref, data=data)
+
+
+def _debugger_sid(form: Mapping[str, str]) -> str | None:
+    """The message an alert is about, when its Payload names one (TWILIO.md §5)."""
+    try:
+        payload = json.loads(form.get("Payload", ""))
+    except ValueError:
+        return None
+    sid = payload.get("resource_sid") if isinstance(payload, dict) else None
+    return sid if isinstance(sid, str) and sid[:2] in ("SM", "MM") else None
+
+
+async def _respond(send: Send, status: int, reason: str) -> None:
+    body = b"" if status == 200 else json.dumps({"error": reason}).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    if body:
+        headers.append((b"content-type", b"application/json"))
+    await send({"type": "http.response.start", "status": status, "headers": headers,
+                "trailers": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

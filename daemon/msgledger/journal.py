@@ -1,0 +1,86 @@
+"""The journal actor: the only writer of the store.
+
+Consumes `Submission`s from its inbox, commits them in groups (one transaction and one
+fsync for every event waiting), and answers each submission's reply channel with the
+event's sequence number, or with `JournalUnavailable` when the commit failed. A failed
+commit does not end the actor: it logs loudly, answers 503-worthy errors, and tries again
+with the next batch, so the daemon recovers by itself when the disk does. Ends when every
+producer has closed its clone of the intake channel and the inbox is drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+
+import trio
+
+from .events import Ack, JournalInbox, JournalUnavailable, Submission
+from .logs import get_logger
+from .metrics import Metrics
+from .store import JournalWriter
+
+MAX_BATCH = 1024  # events per transaction: bounds one commit's latency, far above the load
+log = get_logger("msgledger.journal")
+
+
+async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Metrics,
+                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Commit everything the inbox delivers, in batches, until the inbox is closed."""
+    limiter = trio.CapacityLimiter(1)  # SQLite has one owner: one thread at a time
+    with inbox:
+        task_status.started()
+        async for first in inbox:
+            batch = _take_waiting(inbox, first)
+            await _commit(batch, writer, limiter, metrics)
+    log.info("journal_closed", last_seq=writer.last_seq)
+
+
+def _take_waiting(inbox: JournalInbox, first: Submission) -> list[Submission]:
+    batch = [first]
+    while len(batch) < MAX_BATCH:
+        try:
+            batch.append(inbox.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return batch
+
+
+async def _commit(batch: Sequence[Submission], writer: JournalWriter,
+                  limiter: trio.CapacityLimiter, metrics: Metrics) -> None:
+    started = time.perf_counter()
+    acks = await trio.to_thread.run_sync(_append_or_isolate, writer, batch, limiter=limiter)
+    metrics.commit_seconds.observe(time.perf_counter() - started)
+    metrics.batch_size.observe(len(batch))
+    for submission, ack in zip(batch, acks, strict=True):
+        _answer(submission, ack)
+
+
+def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> list[Ack]:
+    """Commit the batch at once; if that fails, each event alone, so one bad event (or one
+    bad moment of the disk) answers for itself and not for its whole batch."""
+    try:
+        return list(writer.append([s.event for s in batch]))
+    except sqlite3.Error as error:
+        if len(batch) == 1:
+            log.error("journal_commit_failed", error=str(error), events=1)
+            return [JournalUnavailable(str(error))]
+        log.error("journal_batch_failed", error=str(error), events=len(batch))
+    return [_append_one(writer, s) for s in batch]
+
+
+def _append_one(writer: JournalWriter, submission: Submission) -> Ack:
+    try:
+        return writer.append([submission.event])[0]
+    except sqlite3.Error as error:
+        log.error("journal_commit_failed", error=str(error), kind=submission.event.kind,
+                  sid=submission.event.sid, ref=submission.event.ref)
+        return JournalUnavailable(str(error))
+
+
+def _answer(submission: Submission, ack: Ack) -> None:
+    # BrokenResourceError: the producer gave up waiting (ack timeout); the event is kept.
+    with submission.reply, contextlib.suppress(trio.BrokenResourceError):
+        submission.reply.send_nowait(ack)

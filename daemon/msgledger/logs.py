@@ -1,0 +1,58 @@
+"""structlog configuration: JSON lines on stdout, ISO UTC timestamps, the Trio task name.
+
+Configured once, before `trio.run`. The standard library's loggers (hypercorn's among
+them) go through the same renderer so an admin tails one format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Any
+
+import structlog
+import trio
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def _add_task_name(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    with contextlib.suppress(RuntimeError):  # outside trio: CLI commands, worker threads
+        event.setdefault("task", trio.lowlevel.current_task().name)
+    return event
+
+
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _add_task_name,
+]
+
+
+def configure(level: str = "info") -> None:
+    """Send every log line, ours and the standard library's, to stdout as JSON."""
+    numeric = _LEVELS[level]
+    structlog.configure(
+        processors=[*_SHARED, structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_SHARED,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO))  # third-party debug chatter stays out
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,111 @@
+"""The wiring: one place opens the nurseries, creates every channel with an explicit size,
+hands each actor its channel ends, and reports readiness (log line, /healthz, systemd).
+
+Start-up runs downstream first: the journal, then the HTTP front. Shutdown is a close
+cascade: the first SIGTERM/SIGINT (or `stop`) marks the daemon draining and stops the
+listener; hypercorn lets in-flight requests finish (`http.graceful_timeout`); the receiver's
+intake channel then closes, the journal commits what it holds and ends. A second signal
+cancels everything at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+
+from . import systemd
+from .events import Submission
+from .http.api import ApiDeps, create_app
+from .http.health import Health
+from .http.server import Front, hypercorn_config, serve_http
+from .http.signature import SignatureChecker
+from .http.webhooks import WebhookReceiver
+from .journal import run_journal
+from .logs import get_logger
+from .metrics import Metrics
+from .settings import Settings
+from .store import JournalWriter
+
+# Events waiting for the journal. A full batch's worth can queue while the previous one
+# commits; beyond that producers wait, which is the backpressure that keeps memory flat.
+INTAKE_BUFFER = 1024
+log = get_logger("msgledger.main")
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `run` reports once it serves: where it listens and the URL it signs against."""
+
+    url: str
+    public_url: str
+
+
+async def run(settings: Settings, *, stop: trio.Event | None = None, handle_signals: bool = True,
+              task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until `stop` is set (or a signal arrives), then drain and return."""
+    stop = stop if stop is not None else trio.Event()
+    health, metrics = Health(), Metrics()
+    writer = await trio.to_thread.run_sync(JournalWriter.open, settings.store_path)
+    log.info("store_opened", path=settings.store_path, last_seq=writer.last_seq)
+    try:
+        async with trio.open_nursery() as root:
+            if handle_signals:
+                root.start_soon(_watch_signals, stop, root.cancel_scope)
+            await _run_services(settings, stop, health, metrics, writer, task_status)
+            root.cancel_scope.cancel()  # everything drained: end the signal watcher
+    finally:
+        writer.close()
+    log.info("daemon_stopped", last_seq=writer.last_seq)
+
+
+async def _run_services(settings: Settings, stop: trio.Event, health: Health, metrics: Metrics,
+                        writer: JournalWriter, task_status: trio.TaskStatus[Running]) -> None:
+    intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
+    async with trio.open_nursery() as services:
+        await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics))
+        with intake:
+            receiver = WebhookReceiver(
+                intake.clone(), SignatureChecker(settings.auth_token or ""),
+                max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout,
+                metrics=metrics, public_url=settings.public_url)
+        app = create_app(ApiDeps(settings.store_path, settings.api_token, health, metrics))
+        config = hypercorn_config(settings.listen_host, settings.listen_port,
+                                  settings.graceful_timeout)
+        binds = await services.start(_serve_front, Front(receiver, app), receiver, config,
+                                     partial(_drain_when, stop, health))
+        receiver.public_url = receiver.public_url or binds[0]
+        health.ready = True
+        systemd.notify("READY=1")
+        log.info("daemon_ready", url=binds[0], public_url=receiver.public_url)
+        task_status.started(Running(binds[0], receiver.public_url))
+
+
+async def _serve_front(front: Front, receiver: WebhookReceiver, config: Config,
+                       shutdown: Callable[[], Awaitable[None]], *,
+                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HTTP; when the server has finished its last request, close the journal intake."""
+    with receiver.intake:
+        await serve_http(front, config, shutdown, task_status=task_status)
+
+
+async def _drain_when(stop: trio.Event, health: Health) -> None:
+    await stop.wait()
+    health.draining = True
+    systemd.notify("STOPPING=1")
+    log.info("drain_started")
+
+
+async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("drain_abandoned", signal=signal.Signals(signum).name)
+                everything.cancel()
+                return
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop.set()

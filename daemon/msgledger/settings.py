@@ -1,0 +1,254 @@
+"""Configuration: built-in defaults, then a TOML file, then the environment.
+
+Every key `[section] key` can be overridden by `MSGLEDGER_<SECTION>_<KEY>`; the twilio
+library's own `TWILIO_ACCOUNT_SID` and `TWILIO_AUTH_TOKEN` are read too (the MSGLEDGER_ form
+wins). Anything wrong stops start-up with a `ConfigError` naming the key: a daemon that
+starts with a bad configuration refuses callbacks quietly, which is worse than not starting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "MSGLEDGER_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon reads from its configuration, parsed and checked."""
+
+    listen_host: str
+    listen_port: int
+    public_url: str | None  # scheme://host[:port]; None: http://<the address bound>
+    max_body_bytes: int
+    ack_timeout: float  # seconds
+    graceful_timeout: float  # seconds
+    webhooks: bool
+    store_path: str
+    keep_body: str  # "full" | "hash" | "none"
+    account_sid: str | None
+    auth_token: str | None
+    api_base_url: str
+    api_token: str | None
+    overdue_after: float
+    poll_interval: float
+    reconcile_daily_at: str
+    lookback_days: int
+    log_level: str
+
+
+# --- value parsers: each takes the raw TOML or environment value and returns the parsed one.
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(raw: object) -> float:
+    """`"12h"`, `"5m"`, `"2s"`, `"250ms"` or `"1h30m"` into seconds."""
+    text = str(raw).strip()
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"expected a duration such as '12h', '5m', '2s', got {raw!r}")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def parse_listen(raw: object) -> tuple[str, int]:
+    host, sep, port = str(raw).rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_url(raw: object) -> str:
+    text = str(raw).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected scheme://host[:port], got {raw!r}")
+    if parts.path or parts.query or parts.fragment:
+        raise ValueError(f"expected no path, query or fragment, got {raw!r}")
+    return text
+
+
+def parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def parse_positive_int(raw: object) -> int:
+    if isinstance(raw, bool) or not str(raw).strip().isdigit() or int(str(raw)) < 1:
+        raise ValueError(f"expected a positive whole number, got {raw!r}")
+    return int(str(raw))
+
+
+def parse_daily_at(raw: object) -> str:
+    text = str(raw)
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
+    if not match:
+        raise ValueError(f"expected UTC HH:MM, got {raw!r}")
+    return text
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if str(raw) not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return parse
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"expected a non-empty string, got {raw!r}")
+    return raw
+
+
+# section -> key -> (parser, default). None as a default means "not set".
+SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
+    "http": {
+        "listen": (parse_listen, "127.0.0.1:8080"),
+        "public_url": (parse_url, None),  # default: http://<listen>
+        "max_body_bytes": (parse_positive_int, 64 * 1024),
+        "ack_timeout": (parse_duration, "5s"),  # under Twilio's 15 s read timeout
+        "graceful_timeout": (parse_duration, "10s"),
+        "webhooks": (parse_bool, True),
+    },
+    "store": {
+        "path": (_text, "msgledger.db"),
+        "keep_body": (_one_of("full", "hash", "none"), "full"),
+    },
+    "twilio": {
+        "account_sid": (_text, None),
+        "auth_token": (_text, None),
+        "api_base_url": (parse_url, "https://api.twilio.com"),
+    },
+    "api": {"token": (_text, None)},
+    "poller": {
+        "overdue_after": (parse_duration, "12h"),
+        "interval": (parse_duration, "5m"),
+    },
+    "reconciler": {
+        "daily_at": (parse_daily_at, "03:30"),
+        "lookback_days": (parse_positive_int, 2),
+    },
+    "log": {"level": (_one_of("debug", "info", "warning", "error"), "info")},
+}
+
+# The twilio library's own variables, read as fallbacks.
+_TWILIO_ENV = {("twilio", "account_sid"): "TWILIO_ACCOUNT_SID",
+               ("twilio", "auth_token"): "TWILIO_AUTH_TOKEN"}
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Mapping[str, object]] | None = None, *,
+         require_secrets: bool = True) -> Settings:
+    """Read the file (if any), apply `overrides` then the environment, check, and freeze.
+
+    `require_secrets=False` is for the offline commands (export, verify, status), which
+    read the store and never take a webhook.
+    """
+    env = os.environ if environ is None else environ
+    raw = _read_toml(path) if path is not None else {}
+    _reject_unknown(raw)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    _apply_environment(raw, env)
+    parsed = _parse_all(raw)
+    return _build(parsed, require_secrets)
+
+
+def _read_toml(path: str | Path) -> dict[str, dict[str, object]]:
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    for section, values in document.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table")
+    return document
+
+
+def _reject_unknown(raw: Mapping[str, Mapping[str, object]]) -> None:
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"[{section}]: unknown section")
+        for key in values:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{section}.{key}: unknown key")
+
+
+def _apply_environment(raw: dict[str, dict[str, object]], env: Mapping[str, str]) -> None:
+    known = {f"{ENV_PREFIX}{s}_{k}".upper(): (s, k) for s, keys in SCHEMA.items() for k in keys}
+    for name in env:
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise ConfigError(f"{name}: unknown setting (no such [section] key)")
+    for (section, key), name in _TWILIO_ENV.items():
+        if name in env:
+            raw.setdefault(section, {})[key] = env[name]
+    for name, (section, key) in known.items():
+        if name in env:
+            raw.setdefault(section, {})[key] = env[name]
+
+
+def _parse_all(raw: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for section, keys in SCHEMA.items():
+        for key, (parse, default) in keys.items():
+            value = raw.get(section, {}).get(key, default)
+            try:
+                parsed[f"{section}.{key}"] = None if value is None else parse(value)
+            except ValueError as e:
+                raise ConfigError(f"{section}.{key}: {e}") from e
+    return parsed
+
+
+def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
+    host, port = p["http.listen"]
+    if require_secrets and p["http.webhooks"] and not p["twilio.auth_token"]:
+        raise ConfigError(
+            "twilio.auth_token: required while http.webhooks is on (it checks signatures); "
+            "set MSGLEDGER_TWILIO_AUTH_TOKEN or TWILIO_AUTH_TOKEN"
+        )
+    sid = p["twilio.account_sid"]
+    if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
+        raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")
+    return Settings(
+        listen_host=host,
+        listen_port=port,
+        public_url=p["http.public_url"],
+        max_body_bytes=p["http.max_body_bytes"],
+        ack_timeout=p["http.ack_timeout"],
+        graceful_timeout=p["http.graceful_timeout"],
+        webhooks=p["http.webhooks"],
+        store_path=p["store.path"],
+        keep_body=p["store.keep_body"],
+        account_sid=sid,
+        auth_token=p["twilio.auth_token"],
+        api_base_url=p["twilio.api_base_url"],
+        api_token=p["api.token"],
+        overdue_after=p["poller.overdue_after"],
+        poll_interval=p["poller.interval"],
+        reconcile_daily_at=p["reconciler.daily_at"],
+        lookback_days=p["reconciler.lookback_days"],
+        log_level=p["log.level"],
+    )

@@ -1,0 +1,131 @@
+"""The rules that turn a message's events into its current state (DESIGN.md §3).
+
+A pure fold: `apply(state, event)` never looks at anything but its arguments, so the
+stored projection can always be rebuilt by replaying the journal, and the rules can be
+tested as properties. The status never goes backwards: it is the highest-ranked one seen,
+and the result does not depend on the order the events arrived in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..events import Event
+
+# Twilio's lifecycle ranks (TWILIO.md §1). A late lower status is journaled, never applied.
+RANK: dict[str, int] = {
+    "accepted": 1, "scheduled": 1,
+    "queued": 2,
+    "sending": 3,
+    "sent": 4,
+    "delivered": 5, "undelivered": 5, "failed": 5, "canceled": 5,
+    "read": 6,
+}
+# msgledger's own statuses for a send Twilio has not answered; any Twilio status beats them.
+LOCAL_RANK: dict[str, int] = {"requested": 0, "outcome_unknown": 0, "rejected": 0}
+UNKNOWN_RANK = -1  # unknown statuses are kept in the history but never beat a known one
+TERMINAL_RANK = 5
+FINAL = frozenset({"delivered", "undelivered", "failed", "canceled", "read"})
+
+# Ties between different statuses of one rank are broken by a fixed order so that the
+# result never depends on arrival order. Among terminal statuses a delivery receipt is the
+# strongest evidence; such a tie also raises `status_conflict` for a human to look at.
+_TIE_ORDER: dict[str, int] = {
+    "scheduled": 0, "accepted": 1,
+    "requested": 0, "outcome_unknown": 1, "rejected": 2,
+    "canceled": 0, "failed": 1, "undelivered": 2, "delivered": 3,
+}
+
+# Twilio's callback parameter names -> the record's field names.
+_CALLBACK_FIELDS = {"To": "to", "From": "from", "MessagingServiceSid": "messaging_service_sid",
+                    "ErrorCode": "error_code"}
+_FIELDS = ("to", "from", "messaging_service_sid", "body", "body_sha256")
+
+
+def rank(status: str) -> int:
+    return RANK.get(status, LOCAL_RANK.get(status, UNKNOWN_RANK))
+
+
+def status_key(status: str) -> tuple[int, int, str]:
+    """Sort key: the projection's status is the maximum of this over every status seen."""
+    return rank(status), _TIE_ORDER.get(status, 0), status
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """The current state of one message: what `messages` stores for it."""
+
+    sid: str | None = None
+    ref: str | None = None
+    to: str | None = None
+    from_: str | None = None
+    messaging_service_sid: str | None = None
+    body: str | None = None
+    body_sha256: str | None = None
+    status: str | None = None
+    error_code: str | None = None
+    terminals: frozenset[str] = frozenset()  # terminal statuses seen, for status_conflict
+    flags: frozenset[str] = frozenset()
+    created_at: str = ""
+    updated_at: str = ""
+    sent_at: str | None = None  # first time Twilio had it; the poller measures age from here
+
+
+def facts(event: Event) -> dict[str, str]:
+    """The record fields an event states, whatever shape its data has."""
+    data: Mapping[str, Any] = event.data
+    found: dict[str, str] = {}
+    if "params" in data:  # a Twilio webhook: verbatim form pairs
+        for name, value in data["params"]:
+            field_name = _CALLBACK_FIELDS.get(name)
+            if field_name and value != "" and field_name not in found:
+                found[field_name] = value
+    else:
+        for name in (*_FIELDS, "error_code"):
+            value = data.get(name)
+            if value is not None and value != "":
+                found[name] = str(value)
+    return found
+
+
+def apply(state: MessageState | None, event: Event) -> MessageState:
+    """The state after `event`; `state` is None for a message's first event."""
+    s = state or MessageState(created_at=event.at, updated_at=event.at)
+    found = facts(event)
+    s = replace(
+        s,
+        sid=s.sid or event.sid,
+        ref=s.ref or event.ref,
+        to=s.to or found.get("to"),
+        from_=s.from_ or found.get("from"),
+        messaging_service_sid=s.messaging_service_sid or found.get("messaging_service_sid"),
+        body=s.body or found.get("body"),
+        body_sha256=s.body_sha256 or found.get("body_sha256"),
+        created_at=min(s.created_at, event.at),
+        updated_at=max(s.updated_at, event.at),
+        flags=s.flags | _flags_from(event),
+    )
+    if event.status is not None:
+        s = _apply_status(s, event.status, found.get("error_code"), event.at)
+    return s
+
+
+def _apply_status(s: MessageState, status: str, error_code: str | None, at: str) -> MessageState:
+    if rank(status) >= 1:
+        s = replace(s, sent_at=at if s.sent_at is None else min(s.sent_at, at))
+    if rank(status) == TERMINAL_RANK:
+        terminals = s.terminals | {status}
+        flags = s.flags | {"status_conflict"} if len(terminals) > 1 else s.flags
+        s = replace(s, terminals=terminals, flags=flags)
+    if s.status is None or status_key(status) > status_key(s.status):
+        return replace(s, status=status, error_code=error_code)
+    if status == s.status and s.error_code is None:
+        return replace(s, error_code=error_code)
+    return s
+
+
+def _flags_from(event: Event) -> frozenset[str]:
+    flags = event.data.get("flags", ())
+    return frozenset(str(f) for f in flags) if isinstance(flags, list | tuple) else frozenset()

@@ -1,0 +1,117 @@
+"""The journal writer: appends batches of events in one transaction each.
+
+Owned by the journal actor and used from one worker thread at a time. The chain's tail
+(last sequence number and hash) advances only after a COMMIT succeeds, so a failed batch
+(disk full, read-only file) leaves nothing half-written and the next batch carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..events import Event
+from ._chain import canonical_json, row_hash
+from ._messages import project
+from ._schema import GENESIS_HASH, connect, create
+
+TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
+
+
+class ChainBroken(Exception):
+    """The journal's hash chain does not check out; `seq` is the first bad row."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"journal chain broken at seq {seq}: {why}")
+        self.seq = seq
+        self.why = why
+
+
+@dataclass
+class Tail:
+    seq: int
+    hash: str
+
+
+class JournalWriter:
+    """The single writer of the store."""
+
+    def __init__(self, conn: sqlite3.Connection, tail: Tail) -> None:
+        self._conn = conn
+        self._tail = tail
+
+    @classmethod
+    def open(cls, path: str) -> JournalWriter:
+        """Open (or create) the store and check the tail of its chain."""
+        conn = connect(path)
+        create(conn)
+        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS))
+
+    @property
+    def last_seq(self) -> int:
+        return self._tail.seq
+
+    def append(self, events: Sequence[Event]) -> list[int]:
+        """Journal and project `events` in one transaction; their sequence numbers."""
+        seq, prev = self._tail.seq, self._tail.hash
+        seqs: list[int] = []
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for event in events:
+                seq += 1
+                prev = self._insert(seq, prev, event)
+                project(self._conn, event, seq)
+                seqs.append(seq)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._tail = Tail(seq, prev)
+        return seqs
+
+    def _insert(self, seq: int, prev: str, event: Event) -> str:
+        data = canonical_json(event.data)
+        digest = row_hash(prev, seq, event.at, event.kind, event.source, event.sid, event.ref,
+                          event.status, data)
+        self._conn.execute(
+            "INSERT INTO journal (seq, at, kind, source, sid, ref, status, data, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, event.at, event.kind, event.source, event.sid, event.ref, event.status, data,
+             prev, digest))
+        return digest
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled back already (SQLITE_FULL ends the transaction itself).
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def check_tail(conn: sqlite3.Connection, rows: int) -> Tail:
+    """Re-hash the last `rows` journal rows; the tail to append after, or ChainBroken."""
+    found = conn.execute(
+        "SELECT seq, at, kind, source, sid, ref, status, data, prev_hash, hash FROM journal"
+        " WHERE seq > (SELECT coalesce(max(seq), 0) FROM journal) - ? ORDER BY seq",
+        (rows,)).fetchall()
+    if not found:
+        return Tail(0, GENESIS_HASH)
+    expected_prev: str | None = None
+    for row in found:
+        check_row(row, expected_prev)
+        expected_prev = row[9]
+    return Tail(int(found[-1][0]), str(found[-1][9]))
+
+
+def check_row(row: Sequence[object], expected_prev: str | None) -> None:
+    """Raise ChainBroken unless `row` links to `expected_prev` and hashes to its own hash."""
+    seq, at, kind, source, sid, ref, status, data, prev_hash, digest = row
+    if expected_prev is not None and prev_hash != expected_prev:
+        raise ChainBroken(int(str(seq)), "prev_hash does not match the previous row's hash")
+    again = row_hash(str(prev_hash), int(str(seq)), str(at), str(kind), str(source),
+                     sid, ref, status, str(data))  # type: ignore[arg-type]
+    if again != digest:
+        raise ChainBroken(int(str(seq)), "row content does not match its hash")
