@@ -1,0 +1,137 @@
+"""Shared fixtures: a real daemon (in-process or as a child process) on 127.0.0.1:0 with a
+real SQLite file, spoken to over real HTTP, and signed callbacks as Twilio makes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+import trio
+from twilio.request_validator import RequestValidator
+
+from msgledger import logs, main, settings
+
+AUTH_TOKEN = "test-auth-token-" + "0" * 16
+API_TOKEN = "test-api-token"
+ACCOUNT_SID = "AC" + "1" * 32
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _json_logs() -> None:
+    logs.configure("info")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+
+
+def new_sid() -> str:
+    return "SM" + secrets.token_hex(16)
+
+
+def callback_params(sid: str, status: str, **extra: str) -> dict[str, str]:
+    """The form fields Twilio posts to a StatusCallback (TWILIO.md §2)."""
+    return {"MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
+            "AccountSid": ACCOUNT_SID, "From": "+15005550006", "To": "+15558675310",
+            "ApiVersion": "2010-04-01", **extra}
+
+
+def signed(url: str, params: Mapping[str, str], token: str = AUTH_TOKEN) -> dict[str, str]:
+    """Headers of a form POST signed the way Twilio signs it."""
+    return {**FORM, "X-Twilio-Signature": RequestValidator(token).compute_signature(url, params)}
+
+
+@dataclass
+class Ledger:
+    """A running daemon as its clients see it."""
+
+    url: str
+    public_url: str
+    store_path: Path
+    client: httpx.AsyncClient
+
+    async def post_status(self, params: Mapping[str, str], *, ref: str | None = None,
+                          token: str = AUTH_TOKEN) -> httpx.Response:
+        path = "/twilio/status" + (f"?{urlencode({'ref': ref})}" if ref else "")
+        headers = signed(self.public_url + path, params, token)
+        return await self.client.post(path, content=urlencode(params), headers=headers)
+
+    async def record(self, key: str) -> httpx.Response:
+        return await self.client.get(f"/v1/messages/{key}",
+                                     headers={"Authorization": f"Bearer {API_TOKEN}"})
+
+
+def daemon_environ(store_path: Path, **extra: str) -> dict[str, str]:
+    return {"MSGLEDGER_HTTP_LISTEN": "127.0.0.1:0", "MSGLEDGER_STORE_PATH": str(store_path),
+            "MSGLEDGER_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "MSGLEDGER_API_TOKEN": API_TOKEN,
+            **extra}
+
+
+@asynccontextmanager
+async def open_ledger(environ: Mapping[str, str]) -> AsyncIterator[Ledger]:
+    """The whole daemon, started in-process by `main.run` with these settings."""
+    settings_ = settings.load(environ=environ)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(main.run, settings_, stop=stop,
+                                              handle_signals=False))
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+            yield Ledger(running.url, running.public_url, Path(settings_.store_path), client)
+        stop.set()
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
+    """The whole daemon on default settings, a fresh store, port 0."""
+    async with open_ledger(daemon_environ(tmp_path / "ledger.db")) as it:
+        yield it
+
+
+@dataclass
+class ChildDaemon:
+    """`msgledger run` as a separate process, for tests that kill it."""
+
+    process: trio.Process
+    url: str
+    lines: list[dict[str, object]]
+
+
+def child_env(store_path: Path, **extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MSGLEDGER_", "TWILIO_"))}
+    return {**base, **daemon_environ(store_path, **extra)}
+
+
+async def start_child(nursery: trio.Nursery, env: Mapping[str, str]) -> ChildDaemon:
+    """Start `msgledger run` and wait for its `daemon_ready` log line."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "msgledger", "run"], env=dict(env), stdout=subprocess.PIPE)
+    lines: list[dict[str, object]] = []
+    ready = trio.Event()
+    nursery.start_soon(_read_logs, process, lines, ready)
+    with trio.fail_after(20):
+        await ready.wait()
+    url = next(str(line["url"]) for line in lines if line.get("event") == "daemon_ready")
+    return ChildDaemon(process, url, lines)
+
+
+async def _read_logs(process: trio.Process, lines: list[dict[str, object]],
+                     ready: trio.Event) -> None:
+    assert process.stdout is not None
+    buffer = b""
+    async for chunk in process.stdout:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            lines.append(json.loads(raw))
+            if lines[-1].get("event") == "daemon_ready":
+                ready.set()

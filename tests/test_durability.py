@@ -1,0 +1,156 @@
+"""Durability: a 200 means the callback is on disk, whatever happens to the process after.
+
+These tests run `msgledger run` as a child process so they can kill it for real.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import sqlite3
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+import trio
+
+from msgledger import store
+
+from .conftest import (
+    ChildDaemon,
+    callback_params,
+    child_env,
+    daemon_environ,
+    new_sid,
+    open_ledger,
+    signed,
+    start_child,
+)
+
+SENDERS = 32  # concurrent callers, as a proxy's connection pool would have
+
+
+def journaled_sids(path: Path) -> set[str]:
+    conn = store.connect(str(path), readonly=True)
+    try:
+        return {sid for (sid,) in conn.execute("SELECT sid FROM journal")}
+    finally:
+        conn.close()
+
+
+async def post(client: httpx.AsyncClient, child: ChildDaemon, sid: str,
+               status: str = "delivered") -> int:
+    params = callback_params(sid, status)
+    response = await client.post(child.url + "/twilio/status", content=urlencode(params),
+                                 headers=signed(child.url + "/twilio/status", params))
+    return response.status_code
+
+
+async def load_until_killed(child: ChildDaemon, kill_after: int) -> tuple[set[str], int]:
+    """Post unique callbacks from many tasks; SIGKILL the daemon once `kill_after` are
+    acknowledged. Returns the acknowledged SIDs and how many requests got no answer."""
+    acked: set[str] = set()
+    unanswered = 0
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        nonlocal unanswered
+        while True:
+            sid = new_sid()
+            try:
+                code = await post(client, child, sid)
+            except httpx.TransportError:
+                unanswered += 1
+                return
+            if code == 200:
+                acked.add(sid)
+            if len(acked) >= kill_after and child.process.returncode is None:
+                child.process.send_signal(signal.SIGKILL)
+
+    limits = httpx.Limits(max_connections=SENDERS)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client, trio.open_nursery() as n:
+        for _ in range(SENDERS):
+            n.start_soon(sender, client)
+    return acked, unanswered
+
+
+async def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Every callback answered 200 before a SIGKILL is in the journal afterwards, the chain
+    verifies, and a restarted daemon carries on from the same store."""
+    db = tmp_path / "kill.db"
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db))
+            acked, unanswered = await load_until_killed(child, kill_after=400)
+            assert await child.process.wait() == -signal.SIGKILL
+        assert len(acked) >= 400 and unanswered > 0  # the kill really cut requests off
+        assert acked <= journaled_sids(db)
+        result = store.verify(str(db))
+        assert result.ok, result
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db))
+            async with httpx.AsyncClient() as client:
+                assert await post(client, child, new_sid()) == 200
+            child.process.send_signal(signal.SIGTERM)
+            assert await child.process.wait() == 0
+    assert store.verify(str(db)).events == result.events + 1
+
+
+async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM stops the daemon gracefully: exit 0, every acknowledged callback kept."""
+    db = tmp_path / "term.db"
+    sids = [new_sid() for _ in range(50)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db))
+            async with httpx.AsyncClient() as client:
+                codes = [await post(client, child, sid) for sid in sids]
+            child.process.send_signal(signal.SIGTERM)
+            assert await child.process.wait() == 0
+    assert codes == [200] * len(sids)
+    assert set(sids) <= journaled_sids(db)
+    events = [line["event"] for line in child.lines]
+    assert events.index("drain_started") < events.index("journal_closed")
+    assert events[-1] == "daemon_stopped"
+
+
+async def test_full_disk_answers_503_then_recovers(tmp_path: Path) -> None:
+    """When the store cannot grow (file-size limit, as on a full disk) callbacks get 503
+    and a loud log, the daemon keeps serving, and it recovers once space is back."""
+    db = tmp_path / "full.db"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db))
+            pid = child.process.pid
+            async with httpx.AsyncClient(timeout=10) as client:
+                assert await post(client, child, new_sid()) == 200
+                sizes = [(await trio.Path(f).stat()).st_size for f in (db, f"{db}-wal")]
+                limit = max(sizes)  # no file of the store may grow any more
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+                refused = [await post(client, child, new_sid(), "x" * 3000) for _ in range(20)]
+                resource.prlimit(pid, resource.RLIMIT_FSIZE,
+                                 (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                after = new_sid()
+                assert await post(client, child, after) == 200
+            child.process.send_signal(signal.SIGTERM)
+            assert await child.process.wait() == 0
+    assert 503 in refused and set(refused) <= {200, 503}
+    assert any(line.get("event") == "journal_commit_failed" for line in child.lines)
+    assert after in journaled_sids(db)
+    assert store.verify(str(db)).ok
+
+
+async def test_journal_too_slow_answers_503(tmp_path: Path) -> None:
+    """A commit that cannot finish within http.ack_timeout is answered 503, never 200, and
+    the daemon answers 200 again once the store is free."""
+    db = tmp_path / "slow.db"
+    environ = daemon_environ(db, MSGLEDGER_HTTP_ACK_TIMEOUT="300ms")
+    async with open_ledger(environ) as ledger:
+        with trio.fail_after(30):
+            blocker = sqlite3.connect(db, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+            slow = await ledger.post_status(callback_params(new_sid(), "sent"))
+            blocker.execute("COMMIT")
+            blocker.close()
+            fine = await ledger.post_status(callback_params(new_sid(), "sent"))
+    assert slow.status_code == 503
+    assert fine.status_code == 200
