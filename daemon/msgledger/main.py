@@ -19,17 +19,19 @@ import trio
 from hypercorn.config import Config
 
 from . import systemd
-from .events import Submission
+from .events import JournalIntake, Submission
 from .http.api import ApiDeps, create_app
-from .http.health import Health
 from .http.server import Front, hypercorn_config, serve_http
 from .http.signature import SignatureChecker
+from .http.state import ServerState
 from .http.webhooks import WebhookReceiver
 from .journal import run_journal
 from .logs import get_logger
 from .metrics import Metrics
+from .sender import Sender
 from .settings import Settings
 from .store import JournalWriter
+from .twilio_api import TwilioApi, TwilioConfig
 
 # Events waiting for the journal. A full batch's worth can queue while the previous one
 # commits; beyond that producers wait, which is the backpressure that keeps memory flat.
@@ -49,53 +51,70 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
               task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until `stop` is set (or a signal arrives), then drain and return."""
     stop = stop if stop is not None else trio.Event()
-    health, metrics = Health(), Metrics()
     writer = await trio.to_thread.run_sync(JournalWriter.open, settings.store_path)
     log.info("store_opened", path=settings.store_path, last_seq=writer.last_seq)
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(_watch_signals, stop, root.cancel_scope)
-            await _run_services(settings, stop, health, metrics, writer, task_status)
+            await _run_services(settings, stop, writer, task_status)
             root.cancel_scope.cancel()  # everything drained: end the signal watcher
     finally:
         writer.close()
     log.info("daemon_stopped", last_seq=writer.last_seq)
 
 
-async def _run_services(settings: Settings, stop: trio.Event, health: Health, metrics: Metrics,
-                        writer: JournalWriter, task_status: trio.TaskStatus[Running]) -> None:
+async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWriter,
+                        task_status: trio.TaskStatus[Running]) -> None:
+    state, metrics = ServerState(public_url=settings.public_url), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     async with trio.open_nursery() as services:
         await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics))
         with intake:
-            receiver = WebhookReceiver(
-                intake.clone(), SignatureChecker(settings.auth_token or ""),
-                max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout,
-                metrics=metrics, public_url=settings.public_url)
-        app = create_app(ApiDeps(settings.store_path, settings.api_token, health, metrics))
+            front = _front(settings, state, metrics, intake.clone())
         config = hypercorn_config(settings.listen_host, settings.listen_port,
                                   settings.graceful_timeout)
-        binds = await services.start(_serve_front, Front(receiver, app), receiver, config,
-                                     partial(_drain_when, stop, health))
-        receiver.public_url = receiver.public_url or binds[0]
-        health.ready = True
+        binds = await services.start(_serve_front, front, config,
+                                     partial(_drain_when, stop, state))
+        state.public_url = state.public_url or binds[0]
+        state.ready = True
         systemd.notify("READY=1")
-        log.info("daemon_ready", url=binds[0], public_url=receiver.public_url)
-        task_status.started(Running(binds[0], receiver.public_url))
+        log.info("daemon_ready", url=binds[0], public_url=state.public_url)
+        task_status.started(Running(binds[0], state.public_url))
 
 
-async def _serve_front(front: Front, receiver: WebhookReceiver, config: Config,
-                       shutdown: Callable[[], Awaitable[None]], *,
+def _front(settings: Settings, state: ServerState, metrics: Metrics,
+           intake: JournalIntake) -> Front:
+    """The HTTP front and everything it feeds; all of it shares one intake clone."""
+    receiver = WebhookReceiver(
+        intake, SignatureChecker(settings.auth_token or ""), state=state,
+        max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout, metrics=metrics)
+    sender = Sender(intake, _twilio_api(settings), keep_body=settings.keep_body,
+                    ack_timeout=settings.ack_timeout, public_url=lambda: str(state.public_url))
+    app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,
+                             intake, settings.ack_timeout, settings.overdue_after))
+    return Front(receiver, app, intake)
+
+
+def _twilio_api(settings: Settings) -> TwilioApi | None:
+    if not (settings.account_sid and settings.auth_token):
+        return None
+    return TwilioApi(TwilioConfig(
+        settings.account_sid, settings.auth_token, settings.api_base_url,
+        concurrency=settings.twilio_concurrency, timeout=settings.twilio_timeout,
+        backoff=settings.twilio_retry_backoff))
+
+
+async def _serve_front(front: Front, config: Config, shutdown: Callable[[], Awaitable[None]], *,
                        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve HTTP; when the server has finished its last request, close the journal intake."""
-    with receiver.intake:
+    """Serve HTTP; once the last request has finished, close the front's journal intake."""
+    with front.intake:
         await serve_http(front, config, shutdown, task_status=task_status)
 
 
-async def _drain_when(stop: trio.Event, health: Health) -> None:
+async def _drain_when(stop: trio.Event, state: ServerState) -> None:
     await stop.wait()
-    health.draining = True
+    state.draining = True
     systemd.notify("STOPPING=1")
     log.info("drain_started")
 

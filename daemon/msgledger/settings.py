@@ -40,6 +40,9 @@ class Settings:
     account_sid: str | None
     auth_token: str | None
     api_base_url: str
+    twilio_concurrency: int
+    twilio_timeout: float
+    twilio_retry_backoff: float
     api_token: str | None
     overdue_after: float
     poll_interval: float
@@ -138,6 +141,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "account_sid": (_text, None),
         "auth_token": (_text, None),
         "api_base_url": (parse_url, "https://api.twilio.com"),
+        "concurrency": (parse_positive_int, 10),  # API requests in flight
+        "timeout": (parse_duration, "15s"),  # per API request
+        "retry_backoff": (parse_duration, "500ms"),  # first retry after a 429; doubles
     },
     "api": {"token": (_text, None)},
     "poller": {
@@ -245,6 +251,9 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         account_sid=sid,
         auth_token=p["twilio.auth_token"],
         api_base_url=p["twilio.api_base_url"],
+        twilio_concurrency=p["twilio.concurrency"],
+        twilio_timeout=p["twilio.timeout"],
+        twilio_retry_backoff=p["twilio.retry_backoff"],
         api_token=p["api.token"],
         overdue_after=p["poller.overdue_after"],
         poll_interval=p["poller.interval"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,20 +15,32 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from .. import store
+from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
 from ..metrics import Metrics
-from .health import Health
+from ..sender import Sender
+from . import payloads
+from .state import ServerState
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Reply = tuple[Response, int]
+
+# What each send outcome answers (issue: 201 accepted, 422 rejected, 202 unknown).
+SEND_STATUS = {"accepted": 201, "rejected": 422, "unknown": 202, "not_journaled": 503,
+               "outcome_not_journaled": 503}
 
 
 @dataclass(frozen=True)
 class ApiDeps:
-    """What the routes read; the wiring builds it once."""
+    """What the routes use; the wiring builds it once."""
 
     store_path: str
     api_token: str | None
-    health: Health
+    state: ServerState
     metrics: Metrics
+    sender: Sender
+    intake: JournalIntake
+    ack_timeout: float
+    overdue_after: float  # seconds
 
 
 class StoreReader:
@@ -34,42 +48,112 @@ class StoreReader:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._limiter = trio.CapacityLimiter(4)  # concurrent API reads; SQLite WAL allows many
+        self._limiter = trio.CapacityLimiter(4)  # concurrent API reads; WAL allows many
+
+    async def run(self, query: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def read() -> Any:
+            conn = store.connect(self._path, readonly=True)
+            try:
+                return query(conn, *args, **kwargs)
+            finally:
+                conn.close()
+
+        return await trio.to_thread.run_sync(read, limiter=self._limiter)
 
     async def record(self, key: str) -> store.Record | None:
-        return await trio.to_thread.run_sync(self._record, key, limiter=self._limiter)
-
-    def _record(self, key: str) -> store.Record | None:
-        conn = store.connect(self._path, readonly=True)
-        try:
-            return store.find_record(conn, key)
-        finally:
-            conn.close()
+        found: store.Record | None = await self.run(store.find_record, key)
+        return found
 
 
 def create_app(deps: ApiDeps) -> QuartTrio:
     app = QuartTrio("msgledger")
     reader = StoreReader(deps.store_path)
-    require_token = _bearer(deps.api_token)
+    guarded = _bearer(deps.api_token)
 
     @app.get("/healthz")
-    async def healthz() -> tuple[Response, int]:
-        code = 200 if deps.health.serving else 503
-        return jsonify(status=deps.health.describe()), code
+    async def healthz() -> Reply:
+        return jsonify(status=deps.state.describe()), 200 if deps.state.serving else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(deps.metrics.render(), content_type="text/plain; version=0.0.4")
 
+    @app.errorhandler(payloads.Invalid)
+    async def invalid(error: payloads.Invalid) -> Reply:
+        return jsonify(error=str(error), field=error.field), 400
+
+    @app.post("/v1/messages")
+    @guarded
+    async def send_message() -> Reply:
+        return await _send(deps, reader, payloads.send_request(await _json()))
+
+    @app.post("/v1/messages/register")
+    @guarded
+    async def register_message() -> Reply:
+        return await _register(deps, reader, payloads.registration(await _json()))
+
     @app.get("/v1/messages/<key>")
-    @require_token
-    async def get_message(key: str) -> tuple[Response, int]:
+    @guarded
+    async def get_message(key: str) -> Reply:
         record = await reader.record(key)
         if record is None:
             return jsonify(error=f"no message with SID or ref {key!r}"), 404
         return jsonify(record), 200
 
+    @app.get("/v1/messages")
+    @guarded
+    async def list_messages() -> Reply:
+        return await _list(deps, reader, payloads.list_query(request.args.to_dict()))
+
     return app
+
+
+async def _json() -> object:
+    payload = await request.get_json(force=True, silent=True)
+    if payload is None:
+        raise payloads.Invalid("body", "malformed JSON")
+    return payload
+
+
+async def _send(deps: ApiDeps, reader: StoreReader, wanted: Any) -> Reply:
+    if not deps.sender.configured:
+        return jsonify(error="twilio.account_sid and twilio.auth_token are not configured"), 503
+    existing = await reader.record(wanted.ref)
+    if existing is not None:  # the caller retried: never send the same ref twice
+        return jsonify({**existing, "error": f"ref {wanted.ref!r} was already used"}), 409
+    result = await deps.sender.send(wanted)
+    record = await reader.record(wanted.ref)
+    if record is None:
+        return jsonify(error="not journaled: nothing was sent", ref=wanted.ref), 503
+    return jsonify(record), SEND_STATUS[result]
+
+
+async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration) -> Reply:
+    existing = await reader.record(r.sid)
+    if existing is not None and any(h["kind"] == "register" for h in existing["history"]):
+        return jsonify(existing), 200  # idempotent on the SID
+    data: dict[str, Any] = {"to": r.to, "from": r.from_}
+    if r.body is not None:
+        data.update(body=r.body, body_sha256=hashlib.sha256(r.body.encode()).hexdigest())
+    event = Event("register", "register", utc_now(), sid=r.sid, ref=r.ref, status=r.status,
+                  data=data)
+    ack: int | JournalUnavailable = JournalUnavailable("journal not durable in time")
+    with trio.move_on_after(deps.ack_timeout):
+        ack = await journal(deps.intake, event)
+    if isinstance(ack, JournalUnavailable):
+        return jsonify(error=str(ack)), 503
+    return jsonify(await reader.record(r.sid)), 201
+
+
+async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> Reply:
+    sent_before = None
+    if q.overdue:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=deps.overdue_after)
+        sent_before = cutoff.isoformat(timespec="microseconds")
+    records, cursor = await reader.run(
+        store.list_records, status=q.status, sent_before=sent_before, since=q.since,
+        until=q.until, after=q.after, limit=q.limit)
+    return jsonify(messages=records, next_cursor=cursor), 200
 
 
 def _bearer(token: str | None) -> Callable[[F], F]:

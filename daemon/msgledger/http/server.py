@@ -12,6 +12,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
+from ..events import JournalIntake
 from .webhooks import ROUTES, WebhookReceiver
 
 KEEP_ALIVE_MAX_REQUESTS = 100_000  # a proxy's pooled connection should not churn every 1,000
@@ -21,9 +22,11 @@ KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than common proxies' idle timeouts (6
 class Front:
     """Route `/twilio/*` to the webhook receiver and the rest to Quart."""
 
-    def __init__(self, webhooks: WebhookReceiver, app: ASGIFramework) -> None:
+    def __init__(self, webhooks: WebhookReceiver, app: ASGIFramework,
+                 intake: JournalIntake) -> None:
         self._webhooks = webhooks
         self._app = app
+        self.intake = intake  # the front's clone: closed once the server has stopped
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:

@@ -25,6 +25,7 @@ from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
 from ..logs import get_logger
 from ..metrics import Metrics
 from .signature import SignatureChecker
+from .state import ServerState
 
 MAX_FORM_FIELDS = 200  # Twilio sends about 15; more is abuse, not a callback
 FORM_TYPE = b"application/x-www-form-urlencoded"
@@ -67,14 +68,14 @@ class Refused(Exception):
 class WebhookReceiver:
     """ASGI app for the two webhook routes; everything it accepts is on disk."""
 
-    def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, max_body: int,
-                 ack_timeout: float, metrics: Metrics, public_url: str | None = None) -> None:
+    def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, state: ServerState,
+                 max_body: int, ack_timeout: float, metrics: Metrics) -> None:
         self.intake = intake
         self.checker = checker
+        self.state = state  # its public_url is known once the listener is bound
         self.max_body = max_body
         self.ack_timeout = ack_timeout
         self.metrics = metrics
-        self.public_url = public_url  # set by the wiring once the listener is bound
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = ROUTES[scope["path"]]
@@ -109,7 +110,7 @@ class WebhookReceiver:
         """The URL Twilio requested: the public base plus the path and query as sent."""
         query = scope.get("query_string", b"")
         path = scope.get("raw_path") or scope["path"].encode()
-        return f"{self.public_url}{path.decode('latin-1')}" + (
+        return f"{self.state.public_url}{path.decode('latin-1')}" + (
             f"?{query.decode('latin-1')}" if query else "")
 
     async def _journal(self, event: Event) -> Outcome:

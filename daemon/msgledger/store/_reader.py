@@ -50,13 +50,7 @@ def find_record(conn: sqlite3.Connection, key: str) -> Record | None:
                            " UNION ALL "
                            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.ref = ?"
                            " LIMIT 1", (key, key)).fetchone()
-        if row is None:
-            return None
-        record = _record(row)
-        record["history"] = [_history_entry(h) for h in conn.execute(
-            f"SELECT {_HISTORY_COLUMNS} FROM message_events e JOIN journal j ON j.seq = e.seq"
-            " WHERE e.message_id = ? ORDER BY e.seq", (row[0],))]
-        return record
+        return None if row is None else _with_history(conn, row)
     finally:
         conn.execute("COMMIT")
 
@@ -83,6 +77,46 @@ def iter_records(conn: sqlite3.Connection, since: str | None = None,
         current["history"].append(_history_entry(row[14:]))
     if current is not None:
         yield current
+
+
+def list_records(conn: sqlite3.Connection, *, status: str | None = None,
+                 sent_before: str | None = None, since: str | None = None,
+                 until: str | None = None, after: int = 0,
+                 limit: int = 100) -> tuple[list[Record], int | None]:
+    """One page of records by message id, and the cursor of the next page (None: last).
+
+    `sent_before` selects the overdue: a SID, not final, and sent before that instant.
+    """
+    where: list[str] = ["m.id > ?"]
+    params: list[object] = [after]
+    if status is not None:
+        where.append("m.status = ?")
+        params.append(status)
+    if sent_before is not None:
+        where.append(f"m.sid IS NOT NULL AND m.sent_at < ? AND m.status NOT IN "
+                     f"({', '.join('?' * len(FINAL))})")
+        params.extend([sent_before, *sorted(FINAL)])
+    for column, op, value in (("created_at", ">=", since), ("created_at", "<", until)):
+        if value is not None:
+            where.append(f"m.{column} {op} ?")
+            params.append(value)
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
+                            f" WHERE {' AND '.join(where)} ORDER BY m.id LIMIT ?",
+                            (*params, limit + 1)).fetchall()
+        records = [_with_history(conn, row) for row in rows[:limit]]
+    finally:
+        conn.execute("COMMIT")
+    return records, (int(rows[limit - 1][0]) if len(rows) > limit else None)
+
+
+def _with_history(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Record:
+    record = _record(row)
+    record["history"] = [_history_entry(h) for h in conn.execute(
+        f"SELECT {_HISTORY_COLUMNS} FROM message_events e JOIN journal j ON j.seq = e.seq"
+        " WHERE e.message_id = ? ORDER BY e.seq", (row[0],))]
+    return record
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, int]:

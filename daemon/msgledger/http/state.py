@@ -1,4 +1,4 @@
-"""The daemon's readiness, as `/healthz` and systemd report it."""
+"""What the HTTP front knows about the daemon: readiness and the URL Twilio calls it at."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 
 @dataclass
-class Health:
+class ServerState:
     ready: bool = False  # set once every actor runs and the listener is bound
     draining: bool = False  # set by the first SIGTERM: stop being picked by load balancers
+    public_url: str | None = None  # http.public_url, or http://<bound address> once bound
 
     @property
     def serving(self) -> bool:

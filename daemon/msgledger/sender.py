@@ -1,0 +1,113 @@
+"""The outbound path: record before acting, then send, then record the outcome.
+
+`send_requested` is journaled before the Twilio API is called, so even a send whose answer
+is lost stays in the record; the outcome follows as `send_accepted` (SID and initial
+status), `send_rejected` (Twilio's error: an unsuccessful attempt is part of the record)
+or `send_unknown` (the request left but no answer came back). The StatusCallback URL
+carries our `ref`, so callbacks find their send even before its SID is journaled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+import trio
+
+from .events import Event, JournalIntake, JournalUnavailable, journal, utc_now
+from .logs import get_logger
+from .twilio_api import Accepted, CreateOutcome, Rejected, TwilioApi, Unknown
+
+log = get_logger("msgledger.sender")
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    to: str
+    from_: str | None
+    messaging_service_sid: str | None
+    body: str
+    ref: str
+
+
+SendResult = Literal["accepted", "rejected", "unknown", "not_journaled", "outcome_not_journaled"]
+
+
+class Sender:
+    """Sends one message at a time per caller; the Twilio client bounds the concurrency."""
+
+    def __init__(self, intake: JournalIntake, api: TwilioApi | None, *, keep_body: str,
+                 ack_timeout: float, public_url: Callable[[], str]) -> None:
+        self._intake = intake
+        self._api = api
+        self._keep_body = keep_body
+        self._ack_timeout = ack_timeout
+        self._public_url = public_url
+
+    @property
+    def configured(self) -> bool:
+        return self._api is not None
+
+    def status_callback(self, ref: str) -> str:
+        return f"{self._public_url()}/twilio/status?ref={quote(ref, safe='')}"
+
+    async def send(self, request: SendRequest) -> SendResult:
+        """Journal the request, call Twilio, journal the outcome."""
+        assert self._api is not None, "check `configured` first"
+        requested = Event("send_requested", "api", utc_now(), ref=request.ref,
+                          status="requested", data=self._requested_data(request))
+        if not await self._journal(requested):
+            return "not_journaled"  # nothing was sent
+        outcome = await self._api.create_message(self._create_params(request))
+        if not await self._journal(_outcome_event(request.ref, outcome)):
+            log.error("send_outcome_not_journaled", ref=request.ref, outcome=repr(outcome))
+            return "outcome_not_journaled"
+        log.info("send_journaled", ref=request.ref, outcome=type(outcome).__name__.lower(),
+                 sid=getattr(outcome, "sid", None))
+        return _RESULT[type(outcome)]
+
+    async def _journal(self, event: Event) -> bool:
+        with trio.move_on_after(self._ack_timeout):
+            return not isinstance(await journal(self._intake, event), JournalUnavailable)
+        return False
+
+    def _requested_data(self, request: SendRequest) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "to": request.to, "from": request.from_,
+            "messaging_service_sid": request.messaging_service_sid,
+            "body_sha256": hashlib.sha256(request.body.encode()).hexdigest(),
+            "status_callback": self.status_callback(request.ref),
+        }
+        if self._keep_body == "full":
+            data["body"] = request.body
+        if self._keep_body in ("full", "hash"):
+            data["body_length"] = len(request.body)
+        return data
+
+    def _create_params(self, request: SendRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {"to": request.to, "body": request.body,
+                                  "status_callback": self.status_callback(request.ref)}
+        if request.from_:
+            params["from_"] = request.from_
+        if request.messaging_service_sid:
+            params["messaging_service_sid"] = request.messaging_service_sid
+        return params
+
+
+_RESULT: dict[type, SendResult] = {Accepted: "accepted", Rejected: "rejected", Unknown: "unknown"}
+
+
+def _outcome_event(ref: str, outcome: CreateOutcome) -> Event:
+    at = utc_now()
+    if isinstance(outcome, Accepted):
+        return Event("send_accepted", "api", at, sid=outcome.sid, ref=ref,
+                     status=outcome.status, data=dict(outcome.resource))
+    if isinstance(outcome, Rejected):
+        return Event("send_rejected", "api", at, ref=ref, status="rejected", data={
+            "http_status": outcome.http_status, "error_code": outcome.error_code,
+            "error_message": outcome.error_message})
+    return Event("send_unknown", "api", at, ref=ref, status="outcome_unknown",
+                 data={"reason": outcome.reason, "attempts": outcome.attempts})
