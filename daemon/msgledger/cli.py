@@ -1,4 +1,4 @@
-"""The `msgledger` command: run, export, verify, status.
+"""The `msgledger` command: run, export, verify, status, sim.
 
 Configuration errors end the command with exit code 2 and one line naming the key.
 """
@@ -10,14 +10,15 @@ import contextlib
 import csv
 import datetime as dt
 import json
-import secrets
+import signal
 import sys
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import TextIO
 
 import trio
 
-from . import logs, store
+from . import dev, logs, sim, store
 from . import main as daemon
 from . import settings as config
 
@@ -42,8 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--dev", action="store_true",
-                     help="local trial: loopback only, throwaway tokens printed at start")
+                     help="local trial: a Twilio simulator, loopback only, throwaway tokens")
     run.set_defaults(command=cmd_run)
+    simulator = commands.add_parser("sim", help="run the Twilio simulator alone")
+    simulator.add_argument("--listen", default="127.0.0.1:8081", type=config.parse_listen)
+    simulator.add_argument("--account-sid", default="AC" + "0" * 32)
+    simulator.add_argument("--auth-token", required=True,
+                           help="its Basic auth password and callback signing key")
+    simulator.add_argument("--step-delay", type=float, nargs=2, default=(0.5, 3.0),
+                           metavar=("MIN", "MAX"), help="seconds between a message's statuses")
+    simulator.set_defaults(command=cmd_sim)
     export = commands.add_parser("export", help="write the whole record (safe while running)")
     export.add_argument("--since", type=_date, help="first UTC day (YYYY-MM-DD), inclusive")
     export.add_argument("--until", type=_date, help="last UTC day (YYYY-MM-DD), inclusive")
@@ -54,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(command=cmd_verify)
     status = commands.add_parser("status", help="counts by status and journal size")
     status.set_defaults(command=cmd_status)
-    for command in (run, export, verify, status):
+    for command in (run, export, verify, status):  # `sim` reads no configuration
         command.add_argument("--config", "-c", help="TOML configuration file")
     return parser
 
@@ -67,17 +76,10 @@ def _date(text: str) -> dt.date:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides: dict[str, dict[str, object]] = {}
-    if args.dev:
-        overrides = _dev_overrides()
-    settings = config.load(args.config, overrides=overrides)
+    settings = config.load(args.config, overrides=dev.dev_overrides() if args.dev else None)
     logs.configure(settings.log_level)
-    if args.dev:
-        logs.get_logger("msgledger.cli").info(
-            "dev_mode", note="throwaway tokens; loopback only; not for production",
-            api_token=overrides["api"]["token"])
     try:
-        trio.run(daemon.run, settings)
+        trio.run(dev.run_dev if args.dev else daemon.run, settings)
     except store.ChainBroken as broken:
         logs.get_logger("msgledger.cli").error("journal_chain_broken", seq=broken.seq,
                                                why=broken.why)
@@ -85,13 +87,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev_overrides() -> dict[str, dict[str, object]]:
-    return {
-        "http": {"listen": "127.0.0.1:8080"},
-        "twilio": {"auth_token": secrets.token_hex(16),
-                   "account_sid": "AC" + secrets.token_hex(16)},
-        "api": {"token": secrets.token_urlsafe(24)},
-    }
+def cmd_sim(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    host, port = args.listen
+    knobs = sim.SimKnobs(args.account_sid, args.auth_token, step_delay=tuple(args.step_delay))
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(partial(_serve_sim_until_stopped, knobs, host, port))
+    return 0
+
+
+async def _serve_sim_until_stopped(knobs: sim.SimKnobs, host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        simulator = await nursery.start(partial(sim.serve_sim, knobs, host=host, port=port))
+        logs.get_logger("msgledger.sim").info("sim_ready", base_url=simulator.base_url,
+                                              account_sid=knobs.account_sid)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ def configure(level: str = "info") -> None:
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_SHARED,
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *_SHARED],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer()],
@@ -52,6 +52,8 @@ def configure(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))  # third-party debug chatter stays out
+    # twilio logs every request's headers at INFO; the sender logs one line per send.
+    logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

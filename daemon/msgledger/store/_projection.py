@@ -28,6 +28,8 @@ LOCAL_RANK: dict[str, int] = {"requested": 0, "outcome_unknown": 0, "rejected": 
 UNKNOWN_RANK = -1  # unknown statuses are kept in the history but never beat a known one
 TERMINAL_RANK = 5
 FINAL = frozenset({"delivered", "undelivered", "failed", "canceled", "read"})
+# Nothing more will happen to these: Twilio's final statuses, and a send Twilio refused.
+SETTLED = FINAL | {"rejected"}
 
 # Ties between different statuses of one rank are broken by a fixed order so that the
 # result never depends on arrival order. Among terminal statuses a delivery receipt is the

@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
-from ._projection import FINAL
+from ._projection import FINAL, SETTLED
 
 Record = dict[str, Any]
 
@@ -26,7 +26,7 @@ def _record(row: tuple[Any, ...]) -> Record:
      updated_at, sent_at) = row
     return {
         "sid": sid, "ref": ref, "to": to, "from": from_, "messaging_service_sid": mss,
-        "status": status, "error_code": error_code, "final": status in FINAL,
+        "status": status, "error_code": error_code, "final": status in SETTLED,
         "body": body, "body_sha256": body_sha256, "flags": json.loads(flags),
         "created_at": created_at, "updated_at": updated_at, "sent_at": sent_at,
         "history": [],
