@@ -80,6 +80,10 @@ def parse_url(raw: object) -> str:
         raise ValueError(f"expected scheme://host[:port], got {raw!r}")
     if parts.path or parts.query or parts.fragment:
         raise ValueError(f"expected no path, query or fragment, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(f"expected a port from 0 to 65535, got {raw!r}") from None
     return text
 
 

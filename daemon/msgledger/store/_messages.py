@@ -47,14 +47,14 @@ def project(conn: sqlite3.Connection, event: Event, seq: int) -> int | None:
 def _resolve(conn: sqlite3.Connection, event: Event) -> tuple[int | None, Event, frozenset[str]]:
     by_ref = _find(conn, "ref", event.ref)
     by_sid = _find(conn, "sid", event.sid)
-    if by_ref is not None and by_sid is not None and by_ref != by_sid:
-        # A callback without our ref created a row before the send's SID was journaled.
-        return _merge(conn, keep=by_ref, gone=by_sid), event, frozenset()
-    if by_ref is not None and by_sid is None and event.sid is not None:
+    if by_ref is not None and event.sid is not None:
         known_sid = conn.execute("SELECT sid FROM messages WHERE id = ?", (by_ref,)).fetchone()[0]
         if known_sid is not None and known_sid != event.sid:
             # The ref already names another SID: keep this one apart, and say so.
-            return None, replace(event, ref=None), frozenset({"ref_conflict"})
+            return by_sid, replace(event, ref=None), frozenset({"ref_conflict"})
+    if by_ref is not None and by_sid is not None and by_ref != by_sid:
+        # A callback without our ref created a row before the send's SID was journaled.
+        return _merge(conn, keep=by_ref, gone=by_sid), event, frozenset()
     return (by_ref if by_ref is not None else by_sid), event, frozenset()
 
 

@@ -123,9 +123,14 @@ def _apply_status(s: MessageState, status: str, error_code: str | None, at: str)
         s = replace(s, terminals=terminals, flags=flags)
     if s.status is None or status_key(status) > status_key(s.status):
         return replace(s, status=status, error_code=error_code)
-    if status == s.status and s.error_code is None:
-        return replace(s, error_code=error_code)
+    if status == s.status:  # a duplicate: its error code may fill in, never by arrival order
+        return replace(s, error_code=_first_of(s.error_code, error_code))
     return s
+
+
+def _first_of(a: str | None, b: str | None) -> str | None:
+    """The smaller of two error codes, ignoring None: the same answer in any order."""
+    return min((c for c in (a, b) if c is not None), default=None)
 
 
 def _flags_from(event: Event) -> frozenset[str]:

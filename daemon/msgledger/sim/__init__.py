@@ -1,0 +1,32 @@
+"""A Twilio Messages API simulator for tests, benchmarks and local trials.
+
+`serve_sim(knobs)` serves create, fetch and list on 127.0.0.1 for the real `twilio` client
+(`client.api.base_url = sim.base_url`), walks each message through its statuses, and posts
+signed status callbacks, with knobs for latency, 429s, lost create answers and lost,
+duplicated or reordered callbacks.
+"""
+
+from __future__ import annotations
+
+from ._callbacks import Callback, Deliver, DeliveryReport, build_callback, open_callback_sender
+from ._knobs import OutcomeWeights, SimKnobs
+from ._serve import serve_sim
+from ._simulator import NewMessage, Simulator, open_simulator
+from ._stats import SimStats
+from ._store import SimMessage
+
+__all__ = [
+    "Callback",
+    "Deliver",
+    "DeliveryReport",
+    "NewMessage",
+    "OutcomeWeights",
+    "SimKnobs",
+    "SimMessage",
+    "SimStats",
+    "Simulator",
+    "build_callback",
+    "open_callback_sender",
+    "open_simulator",
+    "serve_sim",
+]

@@ -1,0 +1,132 @@
+"""The Messages API over HTTP: Basic auth, the fault knobs, routing, and Twilio's JSON.
+
+Routes (TWILIO.md §4.1), all under /2010-04-01/Accounts/{AccountSid}:
+POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from urllib.parse import parse_qsl
+
+import trio
+
+from ._http import DropConnection, Reply, Request
+from ._knobs import SimKnobs
+from ._listing import page_json, parse_list_query, select_page
+from ._simulator import NewMessage, Simulator
+from ._store import is_valid_from, is_valid_to
+from ._wire import API_VERSION, ApiError, message_json
+
+_PATH = re.compile(
+    rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages(?:/(?P<sid>[^/]+))?\.json"
+)
+_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
+_JSON = ("Content-Type", "application/json; charset=utf-8")
+_CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
+
+
+async def handle_api(sim: Simulator, request: Request) -> Reply:
+    """Answer one API request; raises DropConnection when the lost-create knob fires."""
+    sim.stats.requests += 1
+    knobs = sim.knobs
+    await trio.sleep(knobs.latency)
+    try:
+        return _route(sim, knobs, request)
+    except ApiError as error:
+        challenge = (_CHALLENGE,) if error.status == 401 else ()
+        return _json_reply(error.status, error.payload(), challenge)
+
+
+def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Reply:
+    path, _, query = request.target.partition("?")
+    _authenticate(knobs, request.headers.get("authorization", ""))
+    match = _PATH.fullmatch(path)
+    if match is None:
+        raise _not_found(path)
+    if match["account"] != knobs.account_sid:
+        raise ApiError(401, 20003, "Authenticate")  # these credentials own no other account
+    if sim.dice.chance(knobs.rate_limit_429):
+        sim.stats.requests_429 += 1
+        raise ApiError(429, 20429, "Too Many Requests")
+    sid, method = match["sid"], request.method
+    if sid is None and method == "POST":
+        return _create(sim, knobs, _form(request.body))
+    if sid is None and method == "GET":
+        return _list(sim, knobs, _form(query.encode()))
+    if sid is not None and method == "GET":
+        return _fetch(sim, knobs, sid, path)
+    raise ApiError(405, 20004, "Method not allowed")
+
+
+def _authenticate(knobs: SimKnobs, header: str) -> None:
+    scheme, _, encoded = header.partition(" ")
+    try:
+        credentials = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        credentials = b""
+    expected = f"{knobs.account_sid}:{knobs.auth_token}".encode()
+    if scheme.lower() != "basic" or not hmac.compare_digest(credentials, expected):
+        raise ApiError(401, 20003, "Authenticate")
+
+
+def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Reply:
+    message = sim.create(parse_new_message(form))
+    if sim.dice.chance(knobs.lose_create_response):
+        sim.stats.create_responses_lost += 1
+        raise DropConnection  # the message exists and lives on; the client never hears of it
+    # Redaction happens after transit, so the create answer still shows the full number.
+    return _json_reply(201, message_json(message, redact_to=False))
+
+
+def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Reply:
+    query = parse_list_query(params)
+    page = select_page(sim.messages.values(), query)
+    return _json_reply(200, page_json(knobs.account_sid, query, page, redact_to=knobs.redact_to))
+
+
+def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Reply:
+    message = sim.messages.get(sid)
+    if message is None:
+        raise _not_found(path)
+    return _json_reply(200, message_json(message, redact_to=knobs.redact_to))
+
+
+def parse_new_message(form: Mapping[str, str]) -> NewMessage:
+    """Validate create parameters the way Twilio refuses them; other parameters are ignored."""
+    to, from_ = form.get("To", ""), form.get("From") or None
+    service, callback = form.get("MessagingServiceSid") or None, form.get("StatusCallback") or None
+    if not to:
+        raise ApiError(400, 21604, "A 'To' phone number is required.")
+    if not is_valid_to(to):
+        raise ApiError(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+    if from_ is None and service is None:
+        raise ApiError(400, 21603, "A 'From' phone number is required.")
+    if from_ is not None and not is_valid_from(from_):
+        message = f"The 'From' number {from_} is not a valid phone number, shortcode, or alphanumeric sender ID."  # noqa: E501
+        raise ApiError(400, 21212, message)
+    if service is not None and not _SERVICE_SID.fullmatch(service):
+        raise ApiError(400, 21705, "The Messaging Service Sid is invalid.")
+    if not form.get("Body") and not form.get("MediaUrl") and not form.get("ContentSid"):
+        raise ApiError(400, 21602, "Message body is required.")
+    if callback is not None and not callback.startswith(("http://", "https://")):
+        raise ApiError(400, 21609, f"The StatusCallback URL {callback} is not a valid URL.")
+    return NewMessage(to, from_, service, form.get("Body", ""), callback)
+
+
+def _form(encoded: bytes) -> dict[str, str]:
+    return dict(parse_qsl(encoded.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def _not_found(path: str) -> ApiError:
+    return ApiError(404, 20404, f"The requested resource {path} was not found")
+
+
+def _json_reply(
+    status: int, payload: Mapping[str, object], headers: tuple[tuple[str, str], ...] = ()
+) -> Reply:
+    return Reply(status, json.dumps(payload).encode(), (_JSON, *headers))

@@ -1,0 +1,216 @@
+"""The simulator apart from HTTP: its messages, their lifecycles, its counters and test hooks.
+
+`open_simulator` owns the nursery the lifecycle tasks run in and cancels what is left of them
+on exit. It needs no sockets, so a test can run lifecycles on Trio's virtual clock by passing a
+fake `deliver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import trio
+
+from ._callbacks import Deliver
+from ._knobs import Dice, SimKnobs
+from ._lifecycle import (
+    CARRIER_ERRORS,
+    SERVICE_SENDER,
+    CallbackOutbox,
+    Step,
+    apply_step,
+    plan_steps,
+)
+from ._stats import SimStats
+from ._store import MessageStore, SimMessage, count_segments, utcnow
+from ._wire import price_for
+
+_SENT_STATUSES = frozenset({"sent", "delivered", "undelivered", "read"})
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A validated create request."""
+
+    to: str
+    from_: str | None
+    messaging_service_sid: str | None
+    body: str
+    status_callback: str | None
+
+
+class Simulator:
+    """A running simulator: its address, messages, counters, and hooks for tests.
+
+    Made by `serve_sim` (or `open_simulator`, which owns the lifecycles' nursery).
+    `knobs` may be reassigned (e.g. with `dataclasses.replace`) to change behaviour mid-run;
+    each request and each newly started lifecycle reads the current value.
+    """
+
+    def __init__(
+        self, knobs: SimKnobs, *, base_url: str, nursery: trio.Nursery, deliver: Deliver
+    ) -> None:
+        self.knobs = knobs
+        self.base_url = base_url
+        self.stats = SimStats()
+        self.dice = Dice(knobs.seed)
+        self._store = MessageStore()
+        self._lifecycles = nursery
+        self._deliver = deliver
+        self._running = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def messages(self) -> Mapping[str, SimMessage]:
+        """Every message by SID, unredacted; a live read-only view."""
+        return self._store.view
+
+    def create(self, new: NewMessage) -> SimMessage:
+        """Store a message as the API's create does, and start its lifecycle."""
+        via_service = new.messaging_service_sid is not None and new.from_ is None
+        message = self._insert(
+            to=new.to,
+            from_=new.from_,
+            body=new.body,
+            status="accepted" if via_service else "queued",
+            messaging_service_sid=new.messaging_service_sid,
+            status_callback=new.status_callback,
+            created=utcnow(),
+            sent=None,
+            error_code=None,
+        )
+        self.stats.messages_created += 1
+        self._start_lifecycle(message)
+        return message
+
+    def add_message(
+        self,
+        *,
+        to: str,
+        from_: str | None = SERVICE_SENDER,
+        body: str = "",
+        status: str = "delivered",
+        error_code: int | None = None,
+        messaging_service_sid: str | None = None,
+        status_callback: str | None = None,
+        date_created: datetime | None = None,
+        date_sent: datetime | None = None,
+        run_lifecycle: bool = False,
+    ) -> SimMessage:
+        """Inject a message created "outside" the API, e.g. for reconciliation tests.
+
+        It stays at `status` unless `run_lifecycle`, in which case it lives on from `status`
+        (which should then be "queued" or "accepted") like a created one. `date_sent` defaults
+        to `date_created` for statuses past `sent`.
+        """
+        if run_lifecycle and status not in ("queued", "accepted"):
+            raise ValueError(f"a lifecycle starts at queued or accepted, not {status!r}")
+        created = date_created or utcnow()
+        if date_sent is None and status in _SENT_STATUSES:
+            date_sent = created
+        message = self._insert(
+            to=to,
+            from_=from_,
+            body=body,
+            status=status,
+            messaging_service_sid=messaging_service_sid,
+            status_callback=status_callback,
+            created=created,
+            sent=date_sent,
+            error_code=error_code,
+        )
+        if run_lifecycle:
+            self._start_lifecycle(message)
+        return message
+
+    def set_status(self, sid: str, status: str, *, error_code: int | None = None) -> SimMessage:
+        """Change a message's status silently (no callback), as if its callback was lost."""
+        message = replace(
+            self._store.view[sid],
+            status=status,
+            error_code=error_code,
+            error_message=_error_message(error_code),
+            date_updated=utcnow(),
+        )
+        return self._store.put(message)
+
+    async def wait_idle(self) -> None:
+        """Return once no lifecycle is running: every planned step and callback is done."""
+        await self._idle.wait()
+
+    def _insert(
+        self,
+        *,
+        to: str,
+        from_: str | None,
+        body: str,
+        status: str,
+        messaging_service_sid: str | None,
+        status_callback: str | None,
+        created: datetime,
+        sent: datetime | None,
+        error_code: int | None,
+    ) -> SimMessage:
+        # Messaging Service sends count no segments until they are queued (TWILIO.md §4.1).
+        segments = "0" if status == "accepted" else count_segments(body)
+        return self._store.put(
+            SimMessage(
+                sid="SM" + self.dice.hex32(),
+                account_sid=self.knobs.account_sid,
+                to=to,
+                from_=from_,
+                body=body,
+                status=status,
+                error_code=error_code,
+                error_message=_error_message(error_code),
+                date_created=created,
+                date_updated=max(created, sent or created),
+                date_sent=sent,
+                status_callback=status_callback,
+                messaging_service_sid=messaging_service_sid,
+                price=price_for(segments) if sent else None,
+                num_segments=segments,
+                seq=self._store.next_seq(),
+            )
+        )
+
+    def _start_lifecycle(self, message: SimMessage) -> None:
+        steps = plan_steps(message, self.knobs, self.dice)
+        outbox = CallbackOutbox(self.knobs, self.dice, self._deliver, self.stats)
+        if self._running == 0:
+            self._idle = trio.Event()
+        self._running += 1
+        self._lifecycles.start_soon(self._live, message.sid, steps, outbox, name=message.sid)
+
+    async def _live(self, sid: str, steps: tuple[Step, ...], outbox: CallbackOutbox) -> None:
+        """Walk the planned steps; each status change is stored, then its callback posted."""
+        try:
+            for step in steps:
+                await trio.sleep(step.delay)
+                message = apply_step(self._store.view[sid], step, utcnow())
+                self._store.put(message)
+                if step.callback:
+                    await outbox.post(message)
+            await outbox.flush()
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+
+def _error_message(code: int | None) -> str | None:
+    return None if code is None else CARRIER_ERRORS.get(code, "Unknown error")
+
+
+@asynccontextmanager
+async def open_simulator(
+    knobs: SimKnobs, *, base_url: str, deliver: Deliver
+) -> AsyncIterator[Simulator]:
+    """A simulator whose lifecycles run until they finish or the block exits."""
+    async with trio.open_nursery() as lifecycles:
+        yield Simulator(knobs, base_url=base_url, nursery=lifecycles, deliver=deliver)
+        lifecycles.cancel_scope.cancel()  # lifecycles still running end with the simulator

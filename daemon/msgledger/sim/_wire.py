@@ -1,0 +1,81 @@
+"""Twilio's wire formats: the Message resource JSON, error JSON, dates and resource URIs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from ._store import SimMessage
+
+API_VERSION = "2010-04-01"
+PRICE_PER_SEGMENT = 0.0079  # USD, roughly a US SMS segment; only there so `price` is filled in
+
+
+class ApiError(Exception):
+    """An API request refused with Twilio's error JSON."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "more_info": f"https://www.twilio.com/docs/errors/{self.code}",
+            "status": self.status,
+        }
+
+
+def rfc2822(moment: datetime | None) -> str | None:
+    """Twilio's date format, e.g. "Thu, 30 Jul 2015 20:12:31 +0000"."""
+    return None if moment is None else format_datetime(moment.astimezone(UTC))
+
+
+def messages_uri(account_sid: str) -> str:
+    return f"/{API_VERSION}/Accounts/{account_sid}/Messages.json"
+
+
+def message_uri(account_sid: str, sid: str) -> str:
+    return f"/{API_VERSION}/Accounts/{account_sid}/Messages/{sid}.json"
+
+
+def redact(number: str) -> str:
+    """Phone-number redaction: the last four digits become XXXX (TWILIO.md §4.4)."""
+    return number[:-4] + "XXXX" if number[-4:].isdigit() else number
+
+
+def message_json(message: SimMessage, *, redact_to: bool) -> dict[str, object]:
+    """The Message resource as fetch, list and create return it."""
+    uri = message_uri(message.account_sid, message.sid)
+    return {
+        "account_sid": message.account_sid,
+        "api_version": API_VERSION,
+        "body": message.body,
+        "date_created": rfc2822(message.date_created),
+        "date_sent": rfc2822(message.date_sent),
+        "date_updated": rfc2822(message.date_updated),
+        "direction": "outbound-api",
+        "error_code": message.error_code,
+        "error_message": message.error_message,
+        "from": message.from_,
+        "messaging_service_sid": message.messaging_service_sid,
+        "num_media": "0",
+        "num_segments": message.num_segments,
+        "price": message.price,
+        "price_unit": "USD",
+        "sid": message.sid,
+        "status": message.status,
+        "subresource_uris": {
+            "media": uri.removesuffix(".json") + "/Media.json",
+            "feedback": uri.removesuffix(".json") + "/Feedback.json",
+        },
+        "to": redact(message.to) if redact_to else message.to,
+        "uri": uri,
+    }
+
+
+def price_for(segments: str) -> str:
+    return f"-{PRICE_PER_SEGMENT * int(segments):.5f}"
