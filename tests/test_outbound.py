@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
 
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
 
@@ -139,6 +141,41 @@ async def test_unreachable_twilio_is_recorded_rejected(tmp_path: Path) -> None:
     record = response.json()
     assert record["status"] == "rejected"
     assert "unreachable" in record["history"][-1]["data"]["error_message"]
+
+
+async def _always_500(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A Twilio whose every answer is a 500: the request may or may not have been done."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+    if scope["type"] == "http":
+        body = b'{"code": 20500, "message": "Internal Server Error", "status": 500}'
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_5xx_is_unknown_and_never_retried(tmp_path: Path) -> None:
+    """A 5xx may have created the message: it is journaled unknown (202), not retried."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    requests_seen: list[str] = []
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            requests_seen.append(scope["path"])
+        await _always_500(scope, receive, send)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            [bound] = await nursery.start(partial(serve, counting, config))
+            async with sim_and_ledger(tmp_path, api_base_url=bound) as (_, ledger):
+                response = await send(ledger, ref="five-hundred")
+            nursery.cancel_scope.cancel()
+    assert response.status_code == 202
+    assert response.json()["status"] == "outcome_unknown"
+    assert len(requests_seen) == 1
 
 
 async def test_bad_send_requests_are_400_and_send_nothing(tmp_path: Path) -> None:

@@ -146,15 +146,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = config.load(args.config, require_secrets=False)
+    now = dt.datetime.now(dt.UTC)
+    cutoff = (now - dt.timedelta(seconds=settings.overdue_after)).isoformat()
     conn = store.connect(settings.store_path, readonly=True)
     try:
         conn.execute("BEGIN")
-        report = {"events": store.journal_size(conn), "by_status": store.status_counts(conn)}
+        overdue, oldest = store.overdue_backlog(conn, cutoff)
+        report = {
+            "events": store.journal_size(conn),
+            "by_status": store.status_counts(conn),
+            "overdue": overdue,
+            "oldest_overdue_age_seconds": _age(now, oldest),
+            "last_reconcile": None,  # no reconciler yet: it will record its runs here
+        }
         conn.execute("COMMIT")
     finally:
         conn.close()
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _age(now: dt.datetime, at: str | None) -> float | None:
+    return None if at is None else round((now - dt.datetime.fromisoformat(at)).total_seconds(), 3)
 
 
 if __name__ == "__main__":

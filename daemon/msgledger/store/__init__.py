@@ -7,6 +7,7 @@ from ._reader import (
     iter_records,
     journal_size,
     list_records,
+    overdue_backlog,
     status_counts,
 )
 from ._schema import connect
@@ -15,4 +16,4 @@ from ._writer import ChainBroken, JournalWriter
 
 __all__ = ["FINAL", "RANK", "ChainBroken", "JournalWriter", "MessageState", "Record",
            "VerifyResult", "apply", "connect", "find_record", "iter_records", "journal_size",
-           "list_records", "rank", "status_counts", "verify"]
+           "list_records", "overdue_backlog", "rank", "status_counts", "verify"]

@@ -124,5 +124,15 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
         "SELECT coalesce(status, 'none'), count(*) FROM messages GROUP BY 1 ORDER BY 1")}
 
 
+def overdue_backlog(conn: sqlite3.Connection, sent_before: str) -> tuple[int, str | None]:
+    """How many messages are overdue (a SID, not final, sent before the cutoff) and when
+    the oldest of them was sent."""
+    count, oldest = conn.execute(
+        f"SELECT count(*), min(sent_at) FROM messages WHERE sid IS NOT NULL AND sent_at < ?"
+        f" AND status NOT IN ({', '.join('?' * len(FINAL))})",
+        (sent_before, *sorted(FINAL))).fetchone()
+    return int(count), oldest
+
+
 def journal_size(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()[0])

@@ -1,0 +1,53 @@
+"""`msgledger run --dev`, the README's run command, works on a fresh store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from .conftest import child_env
+
+
+async def test_dev_mode_sends_through_its_simulator(tmp_path: Path) -> None:
+    """The dev daemon starts with its own simulator and throwaway tokens, sends a message
+    through it, and stops cleanly on SIGTERM."""
+    env = {k: v for k, v in child_env(tmp_path / "dev.db").items()
+           if k not in ("MSGLEDGER_TWILIO_AUTH_TOKEN", "MSGLEDGER_API_TOKEN")}
+    lines: list[str] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "msgledger", "run", "--dev"], env=env,
+                stdout=subprocess.PIPE, cwd=tmp_path)
+            ready = await _wait_for(process, "dev_ready", lines)
+            url = ready["try_it"].rsplit(" ", 1)[-1]
+            async with httpx.AsyncClient() as client:
+                sent = await client.post(url, json={"to": "+15558675310",
+                                                    "from": "+15005550006", "body": "hi"},
+                                         headers={"Authorization": f"Bearer {ready['api_token']}"})
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+            nursery.cancel_scope.cancel()
+    assert sent.status_code == 201
+    assert sent.json()["sid"].startswith("SM")
+    assert ready["api_token"] not in "".join(line for line in lines if "dev_ready" not in line)
+
+
+async def _wait_for(process: trio.Process, event: str, lines: list[str]) -> dict[str, str]:
+    assert process.stdout is not None
+    buffer = b""
+    async for chunk in process.stdout:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            lines.append(raw.decode())
+            parsed = json.loads(raw)
+            if parsed.get("event") == event:
+                return dict(parsed)
+    raise AssertionError(f"no {event} line; got {lines}")
