@@ -14,14 +14,18 @@ import signal
 import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
-from . import dev, logs, sim, store
-from . import main as daemon
+from . import logs, store
 from . import settings as config
 
+if TYPE_CHECKING:
+    from .sim import SimKnobs
+
+EXIT_STORE = 1
 EXIT_CONFIG = 2
 EXIT_BROKEN_CHAIN = 3
 CSV_FIELDS = ("sid", "ref", "to", "from", "messaging_service_sid", "status", "error_code",
@@ -76,10 +80,12 @@ def _date(text: str) -> dt.date:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import dev, main  # the daemon stack: imported only by the commands that run it
+
     settings = config.load(args.config, overrides=dev.dev_overrides() if args.dev else None)
     logs.configure(settings.log_level)
     try:
-        trio.run(dev.run_dev if args.dev else daemon.run, settings)
+        trio.run(dev.run_dev if args.dev else main.run, settings)
     except store.ChainBroken as broken:
         logs.get_logger("msgledger.cli").error("journal_chain_broken", seq=broken.seq,
                                                why=broken.why)
@@ -88,6 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from . import sim
+
     logs.configure("info")
     host, port = args.listen
     knobs = sim.SimKnobs(args.account_sid, args.auth_token, step_delay=tuple(args.step_delay))
@@ -96,9 +104,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_sim_until_stopped(knobs: sim.SimKnobs, host: str, port: int) -> None:
+async def _serve_sim_until_stopped(knobs: SimKnobs, host: str, port: int) -> None:
+    from .sim import serve_sim
+
     async with trio.open_nursery() as nursery:
-        simulator = await nursery.start(partial(sim.serve_sim, knobs, host=host, port=port))
+        simulator = await nursery.start(partial(serve_sim, knobs, host=host, port=port))
         logs.get_logger("msgledger.sim").info("sim_ready", base_url=simulator.base_url,
                                               account_sid=knobs.account_sid)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -106,8 +116,18 @@ async def _serve_sim_until_stopped(knobs: sim.SimKnobs, host: str, port: int) ->
                 nursery.cancel_scope.cancel()
 
 
+def _store_exists(path: str) -> bool:
+    """Whether the store is there; if not, say so in one line rather than a traceback."""
+    if Path(path).is_file():
+        return True
+    print(f"msgledger: no store at {path} (see store.path)", file=sys.stderr)
+    return False
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     settings = config.load(args.config, require_secrets=False)
+    if not _store_exists(settings.store_path):
+        return EXIT_STORE
     since = args.since.isoformat() if args.since else None
     until = (args.until + dt.timedelta(days=1)).isoformat() if args.until else None
     with contextlib.ExitStack() as stack:
@@ -146,6 +166,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = config.load(args.config, require_secrets=False)
+    if not _store_exists(settings.store_path):
+        return EXIT_STORE
     now = dt.datetime.now(dt.UTC)
     cutoff = (now - dt.timedelta(seconds=settings.overdue_after)).isoformat()
     conn = store.connect(settings.store_path, readonly=True)

@@ -1,9 +1,10 @@
 """Configuration: built-in defaults, then a TOML file, then the environment.
 
 Every key `[section] key` can be overridden by `MSGLEDGER_<SECTION>_<KEY>`; the twilio
-library's own `TWILIO_ACCOUNT_SID` and `TWILIO_AUTH_TOKEN` are read too (the MSGLEDGER_ form
-wins). Anything wrong stops start-up with a `ConfigError` naming the key: a daemon that
-starts with a bad configuration refuses callbacks quietly, which is worse than not starting.
+library's own `TWILIO_ACCOUNT_SID` and `TWILIO_AUTH_TOKEN` override the file too, and the
+MSGLEDGER_ form wins over them. Anything wrong stops start-up with a `ConfigError` naming
+the key: a daemon that starts with a bad configuration refuses callbacks quietly, which is
+worse than not starting.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def parse_duration(raw: object) -> float:
     if not text or "".join(n + u for n, u in parts) != text:
         raise ValueError(f"expected a duration such as '12h', '5m', '2s', got {raw!r}")
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def parse_positive_duration(raw: object) -> float:
+    """A duration that must not be zero: a zero ack timeout refuses every callback."""
+    seconds = parse_duration(raw)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {raw!r}")
+    return seconds
 
 
 def parse_listen(raw: object) -> tuple[str, int]:
@@ -133,7 +142,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "listen": (parse_listen, "127.0.0.1:8080"),
         "public_url": (parse_url, None),  # default: http://<listen>
         "max_body_bytes": (parse_positive_int, 64 * 1024),
-        "ack_timeout": (parse_duration, "5s"),  # under Twilio's 15 s read timeout
+        "ack_timeout": (parse_positive_duration, "5s"),  # under Twilio's 15 s read timeout
         "graceful_timeout": (parse_duration, "10s"),
         "webhooks": (parse_bool, True),
     },
@@ -146,13 +155,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "auth_token": (_text, None),
         "api_base_url": (parse_url, "https://api.twilio.com"),
         "concurrency": (parse_positive_int, 10),  # API requests in flight
-        "timeout": (parse_duration, "15s"),  # per API request
+        "timeout": (parse_positive_duration, "15s"),  # per API request
         "retry_backoff": (parse_duration, "500ms"),  # first retry after a 429; doubles
     },
     "api": {"token": (_text, None)},
     "poller": {
-        "overdue_after": (parse_duration, "12h"),
-        "interval": (parse_duration, "5m"),
+        "overdue_after": (parse_positive_duration, "12h"),
+        "interval": (parse_positive_duration, "5m"),
     },
     "reconciler": {
         "daily_at": (parse_daily_at, "03:30"),
@@ -161,7 +170,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
     "log": {"level": (_one_of("debug", "info", "warning", "error"), "info")},
 }
 
-# The twilio library's own variables, read as fallbacks.
+# The twilio library's own variables: above the file, below the MSGLEDGER_ form.
 _TWILIO_ENV = {("twilio", "account_sid"): "TWILIO_ACCOUNT_SID",
                ("twilio", "auth_token"): "TWILIO_AUTH_TOKEN"}
 

@@ -1,0 +1,259 @@
+"""The offline commands `export`, `verify` and `status` on a real store, run in-process through
+`msgledger.cli.main` (and once as the installed console script, for the exit codes)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from msgledger import store
+from msgledger.cli import CSV_FIELDS, main
+from msgledger.events import Event, utc_now
+
+MSGLEDGER = Path(sys.executable).with_name("msgledger")
+SID_X = "SM" + "1" * 32
+SID_Y = "SM" + "2" * 32
+SID_Z = "SM" + "3" * 32
+
+
+def at(day: int, second: int = 0) -> str:
+    return f"2024-05-{day:02d}T23:59:{second:02d}.000000+00:00"
+
+
+def callback(sid: str, status: str, when: str, error_code: str = "") -> Event:
+    params = [["MessageSid", sid], ["MessageStatus", status], ["To", "+15005550006"],
+              ["From", "+15005550001"], ["ErrorCode", error_code]]
+    return Event("callback", "callback", when, sid=sid, status=status, data={"params": params})
+
+
+EVENTS = [
+    # ref-1 -> SID_X: sent through msgledger on 1 May, delivered on 2 May.
+    Event("send_requested", "api", at(1, 1), ref="ref-1", status="requested",
+          data={"to": "+15005550006", "from": "+15005550001", "body": "hello"}),
+    Event("send_accepted", "api", at(1, 2), sid=SID_X, ref="ref-1", status="queued",
+          data={"status": "queued"}),
+    callback(SID_X, "delivered", at(2, 3)),
+    # SID_Y: known from its callbacks only, failed on 2 May.
+    callback(SID_Y, "sent", at(2, 4)),
+    callback(SID_Y, "failed", at(2, 5), error_code="30008"),
+    # SID_Z: imported by the reconciler on 3 May.
+    Event("reconcile", "reconcile", at(3, 6), sid=SID_Z, status="delivered",
+          data={"to": "+15005550007", "from": "+15005550001", "flags": ["imported"]}),
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands read os.environ: keep the machine's own msgledger settings out."""
+    for name in list(os.environ):
+        if name.startswith(("MSGLEDGER_", "TWILIO_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.db"
+    writer = store.JournalWriter.open(str(path))
+    writer.append(EVENTS[:2])
+    for event in EVENTS[2:]:
+        writer.append([event])
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, db: Path) -> str:
+    path = tmp_path / "msgledger.toml"
+    path.write_text(f'[store]\npath = "{db}"\n')  # no token: the offline commands need none
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tamper(db: Path, sql: str) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TRIGGER journal_refuses_update")
+    conn.execute("DROP TRIGGER journal_refuses_delete")
+    conn.execute(sql)
+    conn.close()
+
+
+# --- export
+
+
+def test_export_jsonl_one_line_per_message(capsys: pytest.CaptureFixture[str],
+                                           config: str) -> None:
+    """`export` writes one JSON line per message with the record fields and full history."""
+    code, out, _ = run(capsys, "export", "--config", config)
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["sid"] for r in records] == [SID_X, SID_Y, SID_Z]
+    x, y, z = records
+    assert {k: x[k] for k in ("sid", "ref", "to", "from", "status", "error_code", "created_at",
+                              "updated_at", "flags")} == {
+        "sid": SID_X, "ref": "ref-1", "to": "+15005550006", "from": "+15005550001",
+        "status": "delivered", "error_code": None, "created_at": at(1, 1),
+        "updated_at": at(2, 3), "flags": []}
+    assert [(h["seq"], h["at"], h["source"], h["status"]) for h in x["history"]] == [
+        (1, at(1, 1), "api", "requested"), (2, at(1, 2), "api", "queued"),
+        (3, at(2, 3), "callback", "delivered")]
+    assert (y["ref"], y["status"], y["error_code"]) == (None, "failed", "30008")
+    assert [h["seq"] for h in y["history"]] == [4, 5]
+    assert (z["status"], z["flags"], z["history"][0]["source"]) == ("delivered", ["imported"],
+                                                                   "reconcile")
+
+
+def test_export_csv_with_header(capsys: pytest.CaptureFixture[str], config: str) -> None:
+    """`--format csv` writes a header row, then one row per message with flags and history."""
+    code, out, _ = run(capsys, "export", "--config", config, "--format", "csv")
+    assert code == 0
+    assert out.splitlines()[0] == ",".join(CSV_FIELDS)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["sid"], r["status"], r["error_code"], r["flags"]) for r in rows] == [
+        (SID_X, "delivered", "", ""), (SID_Y, "failed", "30008", ""),
+        (SID_Z, "delivered", "", "imported")]
+    assert [h["seq"] for h in json.loads(rows[0]["history"])] == [1, 2, 3]
+    assert {"sid", "ref", "to", "from", "created_at", "updated_at"} <= set(CSV_FIELDS)
+
+
+@pytest.mark.parametrize(("args", "sids"), [
+    (["--since", "2024-05-02"], [SID_Y, SID_Z]),
+    (["--until", "2024-05-02"], [SID_X, SID_Y]),
+    (["--since", "2024-05-02", "--until", "2024-05-02"], [SID_Y]),
+    (["--since", "2024-05-04"], []),
+])
+def test_export_since_until_by_creation_day(capsys: pytest.CaptureFixture[str], config: str,
+                                            args: list[str], sids: list[str]) -> None:
+    """`--since`/`--until` pick messages by the UTC day they were created, both inclusive."""
+    code, out, _ = run(capsys, "export", "--config", config, *args)
+    assert code == 0
+    assert [json.loads(line)["sid"] for line in out.splitlines()] == sids
+
+
+def test_export_to_file(capsys: pytest.CaptureFixture[str], config: str, tmp_path: Path) -> None:
+    """`--output` writes the export to a file and nothing to stdout."""
+    target = tmp_path / "export.jsonl"
+    code, out, _ = run(capsys, "export", "--config", config, "-o", str(target))
+    assert (code, out) == (0, "")
+    assert len(target.read_text().splitlines()) == 3
+
+
+def test_export_while_the_writer_is_open(capsys: pytest.CaptureFixture[str], config: str,
+                                         db: Path) -> None:
+    """Export reads a store the daemon holds open, and sees everything committed so far."""
+    writer = store.JournalWriter.open(str(db))
+    try:
+        writer.append([callback("SM" + "4" * 32, "queued", at(4))])
+        code, out, _ = run(capsys, "export", "--config", config)
+    finally:
+        writer.close()
+    assert code == 0
+    assert len(out.splitlines()) == 4
+
+
+def test_export_refuses_a_bad_date(capsys: pytest.CaptureFixture[str], config: str) -> None:
+    """A --since that is not YYYY-MM-DD is a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "--config", config, "--since", "yesterday"])
+    assert exited.value.code == 2
+    assert "YYYY-MM-DD" in capsys.readouterr().err
+
+
+# --- verify and status
+
+
+def test_verify_good_store(capsys: pytest.CaptureFixture[str], config: str) -> None:
+    """`verify` on an untouched store exits 0 and prints one JSON line saying so."""
+    code, out, _ = run(capsys, "verify", "--config", config)
+    assert code == 0
+    assert out.count("\n") == 1
+    assert json.loads(out) == {"ok": True, "events": 6, "messages": 3, "first_bad_seq": None,
+                               "reason": ""}
+
+
+def test_verify_tampered_store(capsys: pytest.CaptureFixture[str], config: str,
+                               db: Path) -> None:
+    """`verify` on an edited journal exits 1 and names the first bad sequence number."""
+    tamper(db, "UPDATE journal SET status = 'delivered' WHERE seq = 5")
+    code, out, _ = run(capsys, "verify", "--config", config)
+    assert code == 1
+    report = json.loads(out)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 5)
+    assert report["reason"]
+
+
+def test_verify_missing_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`verify` on a store path with nothing there exits 1."""
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "absent.db"}"\n')
+    code, out, _ = run(capsys, "verify", "--config", str(config))
+    assert code == 1
+    assert json.loads(out)["ok"] is False
+
+
+@pytest.mark.parametrize("command", ["export", "status"])
+def test_missing_store_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                   command: str) -> None:
+    """`export` and `status` on a store that is not there say so in one line and exit 1."""
+    config = tmp_path / "elsewhere.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "absent.db"}"\n')
+    code, out, err = run(capsys, command, "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and "absent.db" in err
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_status_counts(capsys: pytest.CaptureFixture[str], config: str) -> None:
+    """`status` prints JSON with the journal size and the messages counted by status."""
+    code, out, _ = run(capsys, "status", "--config", config)
+    assert code == 0
+    report = json.loads(out)
+    assert report["events"] == 6
+    assert report["by_status"] == {"delivered": 2, "failed": 1}
+
+
+def test_status_reports_the_overdue_backlog(capsys: pytest.CaptureFixture[str], config: str,
+                                           db: Path) -> None:
+    """`status` counts messages still not final `overdue_after` after they were sent, gives
+    the oldest one's age, and has a place for the last reconcile (DESIGN.md CLI)."""
+    writer = store.JournalWriter.open(str(db))
+    writer.append([callback("SM" + "4" * 32, "sent", at(4)),  # long overdue
+                   callback("SM" + "5" * 32, "queued", utc_now())])  # sent just now
+    writer.close()
+    _, out, _ = run(capsys, "status", "--config", config)
+    report = json.loads(out)
+    assert report["overdue"] == 1
+    assert report["oldest_overdue_age_seconds"] > 365 * 86400
+    assert "last_reconcile" in report
+
+
+def test_config_error_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """An offline command with a bad configuration exits 2 with one line naming the key."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[store]\npaht = "x.db"\n')
+    code, out, err = run(capsys, "verify", "--config", str(bad))
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "store.paht" in err
+
+
+def test_console_script_exit_codes(config: str, db: Path) -> None:
+    """The installed `msgledger verify` exits 0 on a good store and 1 once it is tampered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MSGLEDGER_", "TWILIO_"))}
+    command = [str(MSGLEDGER), "verify", "--config", config]
+    good = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+    tamper(db, "DELETE FROM journal WHERE seq = 2")
+    bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+    assert (good.returncode, json.loads(good.stdout)["ok"]) == (0, True)
+    assert (bad.returncode, json.loads(bad.stdout)["first_bad_seq"]) == (1, 2)
