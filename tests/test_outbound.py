@@ -97,6 +97,9 @@ async def test_rejected_send_stays_in_the_record(tmp_path: Path) -> None:
     assert (record["status"], record["error_code"], record["sid"]) == ("rejected", "21211", None)
     assert record["final"] is True
     assert history(record) == [("send_requested", "requested"), ("send_rejected", "rejected")]
+    # Our ref rides in the signed query; the fragment asks Twilio to retry 5xx and timeouts.
+    assert record["history"][0]["data"]["status_callback"] == (
+        f"{ledger.public_url}/twilio/status?ref=bad-to#rc=3&rp=ct,rt,5xx")
 
 
 async def test_lost_answer_is_unknown_then_settled_by_its_callbacks(tmp_path: Path) -> None:

@@ -389,3 +389,24 @@ def test_status_counts_and_journal_size(writer: store.JournalWriter, path: str) 
     assert store.status_counts(conn) == {"delivered": 1, "failed": 1, "none": 1}
     assert store.journal_size(conn) == 6
     conn.close()
+
+
+def test_results_do_not_depend_on_the_state_cache(path: str) -> None:
+    """A writer whose cache holds only two messages writes the same projection as a full
+    replay: states evicted from memory are read back from the table, merges included."""
+    writer = store.JournalWriter.open(path, cache_capacity=2)
+    sids = [f"SM{n:032x}" for n in range(6)]
+    writer.append([callback(sid, "sent", at(1, n)) for n, sid in enumerate(sids)])
+    writer.append([requested(f"ref-{n}", at(2, n)) for n in range(6)])
+    for n, sid in enumerate(sids):  # each send's SID now joins the earlier callback's message
+        writer.append([accepted(sid, f"ref-{n}", at(3, n))])
+    writer.append([callback(sid, "delivered", at(4, n)) for n, sid in enumerate(sids)])
+    writer.close()
+    conn = store.connect(path, readonly=True)
+    records = [store.find_record(conn, f"ref-{n}") for n in range(6)]
+    count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
+    assert count == 6
+    assert [(r["sid"], r["status"], len(r["history"])) for r in records if r] == [
+        (sid, "delivered", 4) for sid in sids]
+    assert store.verify(path) == store.VerifyResult(True, 24, 6)

@@ -23,6 +23,11 @@ from .twilio_api import Accepted, CreateOutcome, Rejected, TwilioApi, Unknown
 
 log = get_logger("msgledger.sender")
 
+# Twilio's connection overrides (TWILIO.md §1.5) on every StatusCallback we set: by default
+# Twilio retries a callback once and only when the connection failed, so a 503 (journal not
+# durable) or a read timeout would lose that callback for good. Not part of the signed URL.
+CALLBACK_OVERRIDES = "rc=3&rp=ct,rt,5xx"
+
 
 @dataclass(frozen=True)
 class SendRequest:
@@ -52,7 +57,8 @@ class Sender:
         return self._api is not None
 
     def status_callback(self, ref: str) -> str:
-        return f"{self._public_url()}/twilio/status?ref={quote(ref, safe='')}"
+        return (f"{self._public_url()}/twilio/status?ref={quote(ref, safe='')}"
+                f"#{CALLBACK_OVERRIDES}")
 
     async def send(self, request: SendRequest) -> SendResult:
         """Journal the request, call Twilio, journal the outcome."""

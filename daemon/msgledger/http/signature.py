@@ -1,14 +1,24 @@
 """X-Twilio-Signature checks through twilio's own `RequestValidator` (TWILIO.md §3).
 
-The validator accepts the URL with and without its port, as Twilio's back end signs both
-ways. Repeated form fields are passed as a multi-dict so every value is signed.
+Like `RequestValidator.validate`, a signature is accepted over the URL without its port or
+with it (Twilio's back end has signed both ways), but the two forms are tried in turn and
+the second only when the first fails: one HMAC per genuine callback instead of two, on the
+hottest path of the daemon. The signing itself is the library's `compute_signature`.
+Repeated form fields are passed as a multi-dict so every value is signed.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
+from urllib.parse import urlparse
 
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import (
+    RequestValidator,
+    add_port,
+    get_signature_algorithm,
+    remove_port,
+)
 
 
 class _FormPairs:
@@ -37,4 +47,13 @@ class SignatureChecker:
               settings_header: str | None = None) -> bool:
         """True when `signature` is Twilio's signature of `url` plus the form `pairs`."""
         algorithm = get_signature_algorithm(settings_header)
-        return bool(self._validator.validate(url, _FormPairs(pairs), signature, algorithm))
+        params = _FormPairs(pairs)
+        parsed = urlparse(url)
+        for candidate in (remove_port(parsed), add_port(parsed)):
+            try:
+                expected = self._validator.compute_signature(candidate, params, algorithm)
+            except ValueError:  # an algorithm this twilio library does not know
+                return False
+            if hmac.compare_digest(expected.encode(), signature.encode()):
+                return True
+        return False

@@ -1,23 +1,36 @@
 """The projection tables: which message an event belongs to, and its folded state.
 
-`project()` is the only code that writes `messages` and `message_events`. The journal
-writer calls it inside the commit that appends the event; `verify` calls it to replay the
-journal into a fresh database. Both must therefore see exactly the same rules.
+`Projector` is the only code that writes `messages` and `message_events`. The journal
+writer uses it inside the commit that appends the events; `verify` uses it to replay the
+journal into a fresh database, so both see exactly the same rules and assign the same ids.
+
+It keeps the states of recently seen messages in memory and writes a batch's changes with a
+few `executemany` calls at the end. That matters beyond the saved queries: the writer runs
+in a worker thread and every SQLite call releases the GIL, and under load the event loop
+holds it for up to the switch interval before the writer gets it back. Fewer calls per
+batch means shorter commits.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..events import Event
 from ._projection import MessageState, apply
 
+CACHE_CAPACITY = 20_000  # recent messages kept in memory; callbacks follow sends closely
+
 _COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
             "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
             "updated_at", "sent_at", "last_seq")
+_SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM messages"
+_INSERT = (f"INSERT INTO messages (id, {', '.join(_COLUMNS)})"
+           f" VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})")
+_UPDATE = f"UPDATE messages SET {', '.join(f'{c} = ?' for c in _COLUMNS)} WHERE id = ?"
 
 
 def event_from_row(row: sqlite3.Row | tuple[object, ...]) -> Event:
@@ -27,58 +40,6 @@ def event_from_row(row: sqlite3.Row | tuple[object, ...]) -> Event:
                  status=status, data=json.loads(str(data)))  # type: ignore[arg-type]
 
 
-def project(conn: sqlite3.Connection, event: Event, seq: int) -> int | None:
-    """Fold `event` (journal sequence `seq`) into its message; returns the message id.
-
-    Events that name no message (a Debugger alert about something else) stay journal-only.
-    """
-    if event.sid is None and event.ref is None:
-        return None
-    message_id, event, extra = _resolve(conn, event)
-    state = _load(conn, message_id) if message_id is not None else None
-    new = apply(state, event)
-    if extra:
-        new = replace(new, flags=new.flags | extra)
-    message_id = _save(conn, message_id, new, seq)
-    conn.execute("INSERT INTO message_events (seq, message_id) VALUES (?, ?)", (seq, message_id))
-    return message_id
-
-
-def _resolve(conn: sqlite3.Connection, event: Event) -> tuple[int | None, Event, frozenset[str]]:
-    by_ref = _find(conn, "ref", event.ref)
-    by_sid = _find(conn, "sid", event.sid)
-    if by_ref is not None and event.sid is not None:
-        known_sid = conn.execute("SELECT sid FROM messages WHERE id = ?", (by_ref,)).fetchone()[0]
-        if known_sid is not None and known_sid != event.sid:
-            # The ref already names another SID: keep this one apart, and say so.
-            return by_sid, replace(event, ref=None), frozenset({"ref_conflict"})
-    if by_ref is not None and by_sid is not None and by_ref != by_sid:
-        # A callback without our ref created a row before the send's SID was journaled.
-        return _merge(conn, keep=by_ref, gone=by_sid), event, frozenset()
-    return (by_ref if by_ref is not None else by_sid), event, frozenset()
-
-
-def _find(conn: sqlite3.Connection, column: str, value: str | None) -> int | None:
-    if value is None:
-        return None
-    row = conn.execute(f"SELECT id FROM messages WHERE {column} = ?", (value,)).fetchone()
-    return None if row is None else int(row[0])
-
-
-def _merge(conn: sqlite3.Connection, *, keep: int, gone: int) -> int:
-    """Move `gone`'s events to `keep` and refold `keep` from all of them, in journal order."""
-    conn.execute("UPDATE message_events SET message_id = ? WHERE message_id = ?", (keep, gone))
-    conn.execute("DELETE FROM messages WHERE id = ?", (gone,))
-    rows = conn.execute(
-        "SELECT j.seq, j.at, j.kind, j.source, j.sid, j.ref, j.status, j.data"
-        " FROM message_events e JOIN journal j ON j.seq = e.seq"
-        " WHERE e.message_id = ? ORDER BY j.seq", (keep,)).fetchall()
-    state = fold(event_from_row(r[1:]) for r in rows)
-    if state is not None:
-        _save(conn, keep, state, int(rows[-1][0]))
-    return keep
-
-
 def fold(events: Iterable[Event]) -> MessageState | None:
     state: MessageState | None = None
     for event in events:
@@ -86,28 +47,158 @@ def fold(events: Iterable[Event]) -> MessageState | None:
     return state
 
 
-def _load(conn: sqlite3.Connection, message_id: int) -> MessageState:
-    row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM messages WHERE id = ?",
-                       (message_id,)).fetchone()
+@dataclass
+class _Pending:
+    state: MessageState
+    last_seq: int
+    new: bool  # not in the table yet: INSERT rather than UPDATE
+
+
+class Projector:
+    """Folds events into `messages`, buffering writes until `flush()`.
+
+    Call `apply` for each event in journal order, then `flush` before COMMIT; after a
+    ROLLBACK call `reset`, since the cache may hold states that were never committed.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, capacity: int = CACHE_CAPACITY) -> None:
+        self._conn = conn
+        self._capacity = capacity
+        self.reset()
+
+    def reset(self) -> None:
+        self._states: OrderedDict[int, MessageState] = OrderedDict()
+        self._by_sid: dict[str, int] = {}
+        self._by_ref: dict[str, int] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._links: list[tuple[int, int]] = []
+        row = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        self._next_id = int(row[0]) + 1
+
+    def apply(self, event: Event, seq: int) -> int | None:
+        """Fold `event` (journal sequence `seq`) into its message; returns the message id.
+
+        Events that name no message (a Debugger alert about something else) stay
+        journal-only.
+        """
+        if event.sid is None and event.ref is None:
+            return None
+        message_id, event, extra = self._resolve(event)
+        state = apply(None if message_id is None else self._states[message_id], event)
+        if extra:
+            state = replace(state, flags=state.flags | extra)
+        new = message_id is None
+        if message_id is None:
+            message_id, self._next_id = self._next_id, self._next_id + 1
+        self._remember(message_id, state)
+        pending = self._pending.get(message_id)
+        self._pending[message_id] = _Pending(state, seq, new or bool(pending and pending.new))
+        self._links.append((seq, message_id))
+        return message_id
+
+    def flush(self) -> None:
+        """Write every buffered change: a handful of statements whatever the batch size."""
+        inserts = [(i, *_values(p.state, p.last_seq)) for i, p in self._pending.items() if p.new]
+        updates = [(*_values(p.state, p.last_seq), i) for i, p in self._pending.items()
+                   if not p.new]
+        if inserts:
+            self._conn.executemany(_INSERT, inserts)
+        if updates:
+            self._conn.executemany(_UPDATE, updates)
+        if self._links:
+            self._conn.executemany("INSERT INTO message_events (seq, message_id) VALUES (?, ?)",
+                                   self._links)
+        self._pending.clear()
+        self._links.clear()
+        while len(self._states) > self._capacity:
+            self._forget(next(iter(self._states)))
+
+    # --- which message an event belongs to
+
+    def _resolve(self, event: Event) -> tuple[int | None, Event, frozenset[str]]:
+        by_ref = self._find("ref", event.ref)
+        by_sid = self._find("sid", event.sid)
+        if by_ref is not None and event.sid is not None:
+            known_sid = self._states[by_ref].sid
+            if known_sid is not None and known_sid != event.sid:
+                # The ref already names another SID: keep this one apart, and say so.
+                return by_sid, replace(event, ref=None), frozenset({"ref_conflict"})
+        if by_ref is not None and by_sid is not None and by_ref != by_sid:
+            # A callback without our ref created a row before the send's SID was journaled.
+            return self._merge(keep=by_ref, gone=by_sid), event, frozenset()
+        return (by_ref if by_ref is not None else by_sid), event, frozenset()
+
+    def _find(self, column: str, value: str | None) -> int | None:
+        """The id of the message whose `column` is `value`, from the cache or the table."""
+        if value is None:
+            return None
+        index = self._by_sid if column == "sid" else self._by_ref
+        found = index.get(value)
+        if found is not None:
+            self._states.move_to_end(found)
+            return found
+        row = self._conn.execute(f"{_SELECT} WHERE {column} = ?", (value,)).fetchone()
+        if row is None:
+            return None
+        self._remember(int(row[0]), _state_from_row(row[1:]))
+        return int(row[0])
+
+    def _merge(self, *, keep: int, gone: int) -> int:
+        """Move `gone`'s events to `keep` and refold `keep` from all of them, in order."""
+        self.flush()  # the SQL below must see this batch's rows
+        self._conn.execute("UPDATE message_events SET message_id = ? WHERE message_id = ?",
+                           (keep, gone))
+        self._conn.execute("DELETE FROM messages WHERE id = ?", (gone,))
+        self._forget(gone)
+        rows = self._conn.execute(
+            "SELECT j.seq, j.at, j.kind, j.source, j.sid, j.ref, j.status, j.data"
+            " FROM message_events e JOIN journal j ON j.seq = e.seq"
+            " WHERE e.message_id = ? ORDER BY j.seq", (keep,)).fetchall()
+        state = fold(event_from_row(r[1:]) for r in rows)
+        assert state is not None, "the kept message has at least the event that created it"
+        self._remember(keep, state)
+        self._pending[keep] = _Pending(state, int(rows[-1][0]), new=False)
+        return keep
+
+    # --- the cache
+
+    def _remember(self, message_id: int, state: MessageState) -> None:
+        old = self._states.get(message_id)
+        if old is not None:
+            self._unindex(message_id, old)
+        self._states[message_id] = state
+        self._states.move_to_end(message_id)
+        if state.sid is not None:
+            self._by_sid[state.sid] = message_id
+        if state.ref is not None:
+            self._by_ref[state.ref] = message_id
+
+    def _forget(self, message_id: int) -> None:
+        state = self._states.pop(message_id, None)
+        if state is not None:
+            self._unindex(message_id, state)
+
+    def _unindex(self, message_id: int, state: MessageState) -> None:
+        if state.sid is not None and self._by_sid.get(state.sid) == message_id:
+            del self._by_sid[state.sid]
+        if state.ref is not None and self._by_ref.get(state.ref) == message_id:
+            del self._by_ref[state.ref]
+
+
+def _state_from_row(row: tuple[object, ...]) -> MessageState:
     (sid, ref, to, from_, mss, body, body_sha256, status, error_code, terminals, flags,
      created_at, updated_at, sent_at, _) = row
     return MessageState(
-        sid=sid, ref=ref, to=to, from_=from_, messaging_service_sid=mss, body=body,
-        body_sha256=body_sha256, status=status, error_code=error_code,
-        terminals=frozenset(json.loads(terminals)), flags=frozenset(json.loads(flags)),
-        created_at=created_at, updated_at=updated_at, sent_at=sent_at,
+        sid=sid, ref=ref, to=to, from_=from_, messaging_service_sid=mss,  # type: ignore[arg-type]
+        body=body, body_sha256=body_sha256, status=status,  # type: ignore[arg-type]
+        error_code=error_code,  # type: ignore[arg-type]
+        terminals=frozenset(json.loads(str(terminals))), flags=frozenset(json.loads(str(flags))),
+        created_at=str(created_at), updated_at=str(updated_at),
+        sent_at=sent_at,  # type: ignore[arg-type]
     )
 
 
-def _save(conn: sqlite3.Connection, message_id: int | None, s: MessageState, seq: int) -> int:
-    values = (s.sid, s.ref, s.to, s.from_, s.messaging_service_sid, s.body, s.body_sha256,
-              s.status, s.error_code, json.dumps(sorted(s.terminals)),
-              json.dumps(sorted(s.flags)), s.created_at, s.updated_at, s.sent_at, seq)
-    if message_id is None:
-        cursor = conn.execute(
-            f"INSERT INTO messages ({', '.join(_COLUMNS)})"
-            f" VALUES ({', '.join('?' * len(_COLUMNS))})", values)
-        return int(cursor.lastrowid or 0)
-    assignments = ", ".join(f"{c} = ?" for c in _COLUMNS)
-    conn.execute(f"UPDATE messages SET {assignments} WHERE id = ?", (*values, message_id))
-    return message_id
+def _values(s: MessageState, last_seq: int) -> tuple[object, ...]:
+    return (s.sid, s.ref, s.to, s.from_, s.messaging_service_sid, s.body, s.body_sha256,
+            s.status, s.error_code, json.dumps(sorted(s.terminals)),
+            json.dumps(sorted(s.flags)), s.created_at, s.updated_at, s.sent_at, last_seq)

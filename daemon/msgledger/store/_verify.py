@@ -14,15 +14,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._messages import event_from_row, project
+from ._messages import Projector, event_from_row
 from ._schema import DDL, GENESIS_HASH, connect
-from ._writer import ChainBroken, check_row
+from ._writer import INSERT_JOURNAL, ChainBroken, check_row
 
 _JOURNAL = "SELECT seq, at, kind, source, sid, ref, status, data, prev_hash, hash FROM journal"
 _PROJECTION = ("SELECT id, sid, ref, to_number, from_number, messaging_service_sid, body,"
                " body_sha256, status, error_code, terminals, flags, created_at, updated_at,"
                " sent_at, last_seq FROM messages ORDER BY id")
 _LINKS = "SELECT seq, message_id FROM message_events ORDER BY seq"
+REPLAY_FLUSH_EVERY = 1000  # events replayed between writes; any value gives the same result
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def _verify(stored: sqlite3.Connection, replay: sqlite3.Connection) -> VerifyRes
     events = 0
     expected_prev = GENESIS_HASH
     replay.execute("BEGIN")
+    projector = Projector(replay)
     for row in stored.execute(_JOURNAL + " ORDER BY seq"):
         events += 1
         if row[0] != events:
@@ -71,8 +73,11 @@ def _verify(stored: sqlite3.Connection, replay: sqlite3.Connection) -> VerifyRes
         except ChainBroken as broken:
             return VerifyResult(False, events, 0, broken.seq, broken.why)
         expected_prev = row[9]
-        replay.execute("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-        project(replay, event_from_row(row[1:8]), row[0])
+        replay.execute(INSERT_JOURNAL, row)
+        projector.apply(event_from_row(row[1:8]), row[0])
+        if events % REPLAY_FLUSH_EVERY == 0:
+            projector.flush()
+    projector.flush()
     replay.execute("COMMIT")
     return _compare(stored, replay, events)
 

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 from ..events import Event
 from ._chain import canonical_json, row_hash
-from ._messages import project
+from ._messages import CACHE_CAPACITY, Projector
 from ._schema import GENESIS_HASH, connect, create
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
+INSERT_JOURNAL = ("INSERT INTO journal (seq, at, kind, source, sid, ref, status, data,"
+                  " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# seq, at, kind, source, sid, ref, status, data, prev_hash, hash
+JournalRow = tuple[int, str, str, str, str | None, str | None, str | None, str, str, str]
 
 
 class ChainBroken(Exception):
@@ -38,16 +42,18 @@ class Tail:
 class JournalWriter:
     """The single writer of the store."""
 
-    def __init__(self, conn: sqlite3.Connection, tail: Tail) -> None:
+    def __init__(self, conn: sqlite3.Connection, tail: Tail,
+                 cache_capacity: int = CACHE_CAPACITY) -> None:
         self._conn = conn
         self._tail = tail
+        self._projector = Projector(conn, cache_capacity)
 
     @classmethod
-    def open(cls, path: str) -> JournalWriter:
+    def open(cls, path: str, cache_capacity: int = CACHE_CAPACITY) -> JournalWriter:
         """Open (or create) the store and check the tail of its chain."""
         conn = connect(path)
         create(conn)
-        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS))
+        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS), cache_capacity)
 
     @property
     def last_seq(self) -> int:
@@ -55,32 +61,34 @@ class JournalWriter:
 
     def append(self, events: Sequence[Event]) -> list[int]:
         """Journal and project `events` in one transaction; their sequence numbers."""
-        seq, prev = self._tail.seq, self._tail.hash
-        seqs: list[int] = []
+        rows = self._chain(events)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for event in events:
-                seq += 1
-                prev = self._insert(seq, prev, event)
-                project(self._conn, event, seq)
-                seqs.append(seq)
+            self._conn.executemany(INSERT_JOURNAL, rows)
+            for event, row in zip(events, rows, strict=True):
+                self._projector.apply(event, row[0])
+            self._projector.flush()
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
+            self._projector.reset()  # its cache may hold states that were never committed
             raise
-        self._tail = Tail(seq, prev)
-        return seqs
+        self._tail = Tail(rows[-1][0], rows[-1][-1]) if rows else self._tail
+        return [row[0] for row in rows]
 
-    def _insert(self, seq: int, prev: str, event: Event) -> str:
-        data = canonical_json(event.data)
-        digest = row_hash(prev, seq, event.at, event.kind, event.source, event.sid, event.ref,
-                          event.status, data)
-        self._conn.execute(
-            "INSERT INTO journal (seq, at, kind, source, sid, ref, status, data, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (seq, event.at, event.kind, event.source, event.sid, event.ref, event.status, data,
-             prev, digest))
-        return digest
+    def _chain(self, events: Sequence[Event]) -> list[JournalRow]:
+        """The journal rows for `events`, each hashed onto the one before."""
+        seq, prev = self._tail.seq, self._tail.hash
+        rows: list[JournalRow] = []
+        for event in events:
+            seq += 1
+            data = canonical_json(event.data)
+            digest = row_hash(prev, seq, event.at, event.kind, event.source, event.sid,
+                              event.ref, event.status, data)
+            rows.append((seq, event.at, event.kind, event.source, event.sid, event.ref,
+                         event.status, data, prev, digest))
+            prev = digest
+        return rows
 
     def _rollback(self) -> None:
         # SQLite may have rolled back already (SQLITE_FULL ends the transaction itself).
