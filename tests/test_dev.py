@@ -51,3 +51,20 @@ async def _wait_for(process: trio.Process, event: str, lines: list[str]) -> dict
             if parsed.get("event") == event:
                 return dict(parsed)
     raise AssertionError(f"no {event} line; got {lines}")
+
+
+async def test_a_taken_port_is_one_log_line_and_exit_4(tmp_path: Path) -> None:
+    """When the listener cannot bind, `msgledger run` says so in one line and exits 4."""
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**child_env(tmp_path / "p.db"), "MSGLEDGER_HTTP_LISTEN": f"127.0.0.1:{port}"}
+        with trio.fail_after(30):
+            result = await trio.run_process([sys.executable, "-m", "msgledger", "run"], env=env,
+                                            capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 4
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    [failure] = [line for line in lines if line["level"] == "error"]
+    assert failure["event"] == "start_failed" and "in use" in failure["error"]
+    assert result.stderr == b""

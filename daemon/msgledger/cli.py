@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 EXIT_STORE = 1
 EXIT_CONFIG = 2
 EXIT_BROKEN_CHAIN = 3
+EXIT_START_FAILED = 4
 CSV_FIELDS = ("sid", "ref", "to", "from", "messaging_service_sid", "status", "error_code",
               "final", "flags", "created_at", "updated_at", "sent_at", "body_sha256", "body",
               "history")
@@ -84,13 +85,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = config.load(args.config, overrides=dev.dev_overrides() if args.dev else None)
     logs.configure(settings.log_level)
+    log = logs.get_logger("msgledger.cli")
     try:
         trio.run(dev.run_dev if args.dev else main.run, settings)
     except store.ChainBroken as broken:
-        logs.get_logger("msgledger.cli").error("journal_chain_broken", seq=broken.seq,
-                                               why=broken.why)
+        log.error("journal_chain_broken", seq=broken.seq, why=broken.why)
         return EXIT_BROKEN_CHAIN
+    except (OSError, ExceptionGroup) as error:  # cannot bind the listener, open the store...
+        failed, rest = error.split(OSError) if isinstance(error, ExceptionGroup) else (error, None)
+        if failed is None or rest is not None:
+            raise  # not (only) a start-up failure: a bug, and its traceback belongs in the log
+        log.error("start_failed", error=_describe(failed), listen=settings.listen_host,
+                  port=settings.listen_port, store=settings.store_path)
+        return EXIT_START_FAILED
     return 0
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in error.exceptions)
+    return str(error)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

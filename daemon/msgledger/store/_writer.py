@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..events import Event
 from ._chain import canonical_json, row_hash
-from ._messages import CACHE_CAPACITY, Projector
+from ._messages import Projector
 from ._schema import GENESIS_HASH, connect, create
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
@@ -42,18 +42,17 @@ class Tail:
 class JournalWriter:
     """The single writer of the store."""
 
-    def __init__(self, conn: sqlite3.Connection, tail: Tail,
-                 cache_capacity: int = CACHE_CAPACITY) -> None:
+    def __init__(self, conn: sqlite3.Connection, tail: Tail) -> None:
         self._conn = conn
         self._tail = tail
-        self._projector = Projector(conn, cache_capacity)
+        self._projector = Projector(conn)
 
     @classmethod
-    def open(cls, path: str, cache_capacity: int = CACHE_CAPACITY) -> JournalWriter:
+    def open(cls, path: str) -> JournalWriter:
         """Open (or create) the store and check the tail of its chain."""
         conn = connect(path)
         create(conn)
-        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS), cache_capacity)
+        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS))
 
     @property
     def last_seq(self) -> int:
@@ -71,7 +70,7 @@ class JournalWriter:
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
-            self._projector.reset()  # its cache may hold states that were never committed
+            self._projector.reset()  # its batch's states were never committed
             raise
         self._tail = Tail(rows[-1][0], rows[-1][-1]) if rows else self._tail
         return [row[0] for row in rows]
