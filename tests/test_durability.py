@@ -5,6 +5,7 @@ These tests run `msgledger run` as a child process so they can kill it for real.
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import sqlite3
@@ -17,6 +18,9 @@ import trio
 from msgledger import store
 
 from .conftest import (
+    API_TOKEN,
+    AUTH_TOKEN,
+    FORM,
     ChildDaemon,
     callback_params,
     child_env,
@@ -96,7 +100,8 @@ async def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> No
 
 
 async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    """SIGTERM stops the daemon gracefully: exit 0, every acknowledged callback kept."""
+    """SIGTERM stops the daemon gracefully: exit 0, every acknowledged callback kept; and
+    no secret (auth token, API token) ever reaches its log, refusals and /v1 included."""
     db = tmp_path / "term.db"
     sids = [new_sid() for _ in range(50)]
     with trio.fail_after(60):
@@ -104,13 +109,20 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
             child = await start_child(nursery, child_env(db))
             async with httpx.AsyncClient() as client:
                 codes = [await post(client, child, sid) for sid in sids]
+                forged = await client.post(child.url + "/twilio/status", headers={
+                    **FORM, "X-Twilio-Signature": "forged"}, content="MessageSid=SM1")
+                api = await client.get(child.url + f"/v1/messages/{sids[0]}",
+                                       headers={"Authorization": f"Bearer {API_TOKEN}"})
             child.process.send_signal(signal.SIGTERM)
             assert await child.process.wait() == 0
     assert codes == [200] * len(sids)
+    assert (forged.status_code, api.status_code) == (403, 200)
     assert set(sids) <= journaled_sids(db)
     events = [line["event"] for line in child.lines]
     assert events.index("drain_started") < events.index("journal_closed")
     assert events[-1] == "daemon_stopped"
+    logged = json.dumps(child.lines)
+    assert AUTH_TOKEN not in logged and API_TOKEN not in logged
 
 
 async def test_full_disk_answers_503_then_recovers(tmp_path: Path) -> None:
