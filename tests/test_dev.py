@@ -17,8 +17,7 @@ from .conftest import child_env
 async def test_dev_mode_sends_through_its_simulator(tmp_path: Path) -> None:
     """The dev daemon starts with its own simulator and throwaway tokens, sends a message
     through it, and stops cleanly on SIGTERM."""
-    env = {k: v for k, v in child_env(tmp_path / "dev.db").items()
-           if k not in ("MSGLEDGER_TWILIO_AUTH_TOKEN", "MSGLEDGER_API_TOKEN")}
+    env = child_env(tmp_path / "dev.db")  # a real-looking API token in the environment
     lines: list[str] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -36,6 +35,8 @@ async def test_dev_mode_sends_through_its_simulator(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     assert sent.status_code == 201
     assert sent.json()["sid"].startswith("SM")
+    assert ready["api_token"] != env["MSGLEDGER_API_TOKEN"]  # never the environment's
+    assert env["MSGLEDGER_API_TOKEN"] not in "".join(lines)
     assert ready["api_token"] not in "".join(line for line in lines if "dev_ready" not in line)
 
 

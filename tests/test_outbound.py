@@ -3,6 +3,7 @@ simulator, and the simulator's signed callbacks back into the record."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
@@ -13,9 +14,13 @@ from typing import Any
 
 import httpx
 import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from msgledger import store
+from msgledger.main import run as run_daemon
+from msgledger.settings import load as load_settings
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
 
 from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, Ledger, daemon_environ, open_ledger
@@ -215,6 +220,58 @@ async def test_a_reused_ref_is_never_sent_twice(tmp_path: Path) -> None:
     assert (first.status_code, again.status_code) == (201, 409)
     assert again.json()["sid"] == first.json()["sid"]
     assert sim.stats.messages_created == 1
+
+
+async def test_concurrent_sends_of_one_ref_send_once(tmp_path: Path) -> None:
+    """Two requests racing with the same ref: one is sent, the other gets 409."""
+    codes: list[int] = []
+    with trio.fail_after(30):
+        async with sim_and_ledger(tmp_path, latency=0.2) as (sim, ledger):
+
+            async def post() -> None:
+                codes.append((await send(ledger, ref="raced")).status_code)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post)
+                nursery.start_soon(post)
+    assert sorted(codes) == [201, 409]
+    assert sim.stats.messages_created == 1
+
+
+async def test_shutdown_mid_send_keeps_the_outcome(tmp_path: Path) -> None:
+    """A send still waiting for Twilio when the daemon drains past its graceful timeout
+    still gets its outcome (the SID) journaled before the daemon stops."""
+    sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN, latency=1.0, step_delay=FAST)
+    db = tmp_path / "drain.db"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            sim = await nursery.start(partial(serve_sim, sim_knobs))
+            environ = daemon_environ(db, MSGLEDGER_TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+                                     MSGLEDGER_TWILIO_API_BASE_URL=sim.base_url,
+                                     MSGLEDGER_HTTP_GRACEFUL_TIMEOUT="100ms")
+            settings_ = load_settings(environ=environ)
+            stop = trio.Event()
+            async with httpx.AsyncClient() as client, trio.open_nursery() as daemon:
+                running = await daemon.start(partial(run_daemon, settings_, stop=stop,
+                                                     handle_signals=False))
+                daemon.start_soon(_post_quietly, client, running.url + "/v1/messages")
+                while sim.stats.requests == 0:  # the create is at Twilio, awaiting its answer
+                    await trio.testing.wait_all_tasks_blocked(0.01)
+                stop.set()
+            nursery.cancel_scope.cancel()
+    conn = store.connect(str(db), readonly=True)
+    record = store.find_record(conn, "mid-send")
+    conn.close()
+    assert record is not None
+    assert [h["kind"] for h in record["history"]][:2] == ["send_requested", "send_accepted"]
+    assert record["sid"] in sim.messages
+
+
+async def _post_quietly(client: httpx.AsyncClient, url: str) -> None:
+    """Send one message; the daemon may cut the answer off while it drains."""
+    payload = {"to": "+15558675310", "from": "+15005550006", "body": "x", "ref": "mid-send"}
+    with contextlib.suppress(httpx.HTTPError):
+        await client.post(url, headers=BEARER, json=payload)
 
 
 async def test_register_is_idempotent_and_collects_callbacks(tmp_path: Path) -> None:

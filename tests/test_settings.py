@@ -243,3 +243,16 @@ def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert "poller.interval" in lines[0]
     assert done.stdout == ""
     assert not (tmp_path / "msgledger.db").exists()
+
+
+def test_public_url_is_required_beyond_loopback() -> None:
+    """Listening on a public address without http.public_url would refuse every signature
+    quietly; start-up refuses instead, naming the key."""
+    base = {"MSGLEDGER_TWILIO_AUTH_TOKEN": "t", "MSGLEDGER_HTTP_LISTEN": "0.0.0.0:8080"}
+    with pytest.raises(settings.ConfigError, match=r"^http\.public_url"):
+        settings.load(None, environ=base)
+    given = settings.load(None, environ={**base,
+                                         "MSGLEDGER_HTTP_PUBLIC_URL": "https://l.example.com"})
+    assert given.public_url == "https://l.example.com"
+    off = settings.load(None, environ={**base, "MSGLEDGER_HTTP_WEBHOOKS": "false"})
+    assert off.webhooks is False

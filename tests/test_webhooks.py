@@ -10,7 +10,6 @@ from msgledger import store
 
 from .conftest import (
     API_TOKEN,
-    AUTH_TOKEN,
     FORM,
     Ledger,
     callback_params,
@@ -109,9 +108,9 @@ async def test_oversized_body_is_413(ledger: Ledger) -> None:
 
     with trio.fail_after(10):
         declared = await ledger.client.post("/twilio/status", content=big, headers=FORM)
-    async with ledger.client.stream("POST", "/twilio/status", content=chunks(),
-                                    headers=FORM) as streamed:
-        assert streamed.status_code == 413
+        async with ledger.client.stream("POST", "/twilio/status", content=chunks(),
+                                        headers=FORM) as streamed:
+            assert streamed.status_code == 413
     assert declared.status_code == 413
     assert journal_size(ledger) == 0
 
@@ -191,4 +190,16 @@ async def test_concurrent_callbacks_are_group_committed(ledger: Ledger) -> None:
     commits = next(float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("msgledger_journal_commit_seconds_count"))
     assert commits < len(sids)  # some commits carried more than one event
-    assert AUTH_TOKEN not in metrics
+
+
+async def test_webhooks_off_means_no_webhook_routes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With http.webhooks = false and no auth token, /twilio/* does not exist: a callback
+    signed with an empty key gets 404, not 200."""
+    environ = {k: v for k, v in daemon_environ(tmp_path / "off.db").items()
+               if k != "MSGLEDGER_TWILIO_AUTH_TOKEN"}
+    environ["MSGLEDGER_HTTP_WEBHOOKS"] = "false"
+    async with open_ledger(environ) as ledger:
+        with trio.fail_after(10):
+            response = await ledger.post_status(callback_params(new_sid(), "sent"), token="")
+        assert response.status_code == 404
+        assert journal_size(ledger) == 0

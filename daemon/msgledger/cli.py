@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import dev, main  # the daemon stack: imported only by the commands that run it
 
     settings = config.load(args.config, overrides=dev.dev_overrides() if args.dev else None)
+    if args.dev:
+        settings = dev.throwaway_credentials(settings)
     logs.configure(settings.log_level)
     log = logs.get_logger("msgledger.cli")
     try:

@@ -15,21 +15,31 @@ import trio
 
 from . import main
 from .logs import get_logger
-from .settings import Settings
+from .settings import ConfigError, Settings, is_loopback
 from .sim import SimKnobs, serve_sim
 
 log = get_logger("msgledger.dev")
 DEV_STEP_DELAY = (0.5, 3.0)  # seconds between statuses: slow enough to watch them change
 
 
+DEV_STORE = "msgledger-dev.db"  # simulated messages never land in a real ledger
+
+
 def dev_overrides() -> dict[str, dict[str, object]]:
-    """Throwaway credentials and a loopback listener, layered under file and environment."""
-    return {
-        "http": {"listen": "127.0.0.1:8080"},
-        "twilio": {"auth_token": secrets.token_hex(16),
-                   "account_sid": "AC" + secrets.token_hex(16)},
-        "api": {"token": secrets.token_urlsafe(18)},
-    }
+    """Defaults for a trial: loopback, its own store. File and environment may change them."""
+    return {"http": {"listen": "127.0.0.1:8080"}, "store": {"path": DEV_STORE},
+            "twilio": {"auth_token": "replaced-by-throwaway-credentials"}}
+
+
+def throwaway_credentials(settings: Settings) -> Settings:
+    """Fresh credentials over whatever the environment holds, so a real token is never
+    used, or printed, by a trial; and a refusal to listen beyond loopback."""
+    if not is_loopback(settings.listen_host):
+        raise ConfigError(
+            f"http.listen: --dev listens on loopback only, not {settings.listen_host}")
+    return dataclasses.replace(
+        settings, auth_token=secrets.token_hex(16), account_sid="AC" + secrets.token_hex(16),
+        api_token=secrets.token_urlsafe(18), public_url=None)
 
 
 async def run_dev(settings: Settings) -> None:

@@ -59,10 +59,15 @@ async def _commit(batch: Sequence[Submission], writer: JournalWriter,
 
 
 def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> list[Ack]:
-    """Commit the batch at once; if that fails, each event alone, so one bad event (or one
-    bad moment of the disk) answers for itself and not for its whole batch."""
+    """Commit the batch at once. If one event's content made it fail (a constraint), commit
+    each event alone so the bad one answers for itself, not for its whole batch. A store
+    that cannot write at all (busy, full, read-only, I/O) fails the batch as it is: trying
+    each event alone would only hold the journal up N times as long."""
     try:
         return list(writer.append([s.event for s in batch]))
+    except sqlite3.OperationalError as error:
+        log.error("journal_commit_failed", error=str(error), events=len(batch))
+        return [JournalUnavailable(str(error))] * len(batch)
     except sqlite3.Error as error:
         if len(batch) == 1:
             log.error("journal_commit_failed", error=str(error), events=1)

@@ -90,13 +90,18 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
 def _front(settings: Settings, state: ServerState, metrics: Metrics,
            intake: JournalIntake) -> Front:
     """The HTTP front and everything it feeds; all of it shares one intake clone."""
-    receiver = WebhookReceiver(
-        intake, SignatureChecker(settings.auth_token or ""), state=state,
-        max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout, metrics=metrics)
+    receiver = None
+    if settings.webhooks:
+        assert settings.auth_token, "settings refuse webhooks without an auth token"
+        receiver = WebhookReceiver(
+            intake, SignatureChecker(settings.auth_token), state=state,
+            max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout,
+            metrics=metrics)
     sender = Sender(intake, _twilio_api(settings), keep_body=settings.keep_body,
                     ack_timeout=settings.ack_timeout, public_url=lambda: str(state.public_url))
     app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,
-                             intake, settings.ack_timeout, settings.overdue_after))
+                             intake, settings.ack_timeout, settings.overdue_after,
+                             settings.keep_body))
     return Front(receiver, app, intake)
 
 

@@ -51,10 +51,24 @@ class Sender:
         self._keep_body = keep_body
         self._ack_timeout = ack_timeout
         self._public_url = public_url
+        self._in_flight: set[str] = set()  # refs being sent right now
 
     @property
     def configured(self) -> bool:
         return self._api is not None
+
+    def claim(self, ref: str) -> bool:
+        """Reserve `ref` for one send; False if another request is sending it right now.
+
+        Synchronous, so it settles a race before the caller's first `await`.
+        """
+        if ref in self._in_flight:
+            return False
+        self._in_flight.add(ref)
+        return True
+
+    def release(self, ref: str) -> None:
+        self._in_flight.discard(ref)
 
     def status_callback(self, ref: str) -> str:
         return (f"{self._public_url()}/twilio/status?ref={quote(ref, safe='')}"
@@ -67,7 +81,11 @@ class Sender:
                           status="requested", data=self._requested_data(request))
         if not await self._journal(requested):
             return "not_journaled"  # nothing was sent
-        outcome = await self._api.create_message(self._create_params(request))
+        try:
+            outcome: CreateOutcome = await self._api.create_message(self._create_params(request))
+        except trio.Cancelled:  # shutdown cut the send short: say so in the record
+            await self._journal(_outcome_event(request.ref, Unknown("cancelled at shutdown")))
+            raise
         if not await self._journal(_outcome_event(request.ref, outcome)):
             log.error("send_outcome_not_journaled", ref=request.ref, outcome=repr(outcome))
             return "outcome_not_journaled"
@@ -76,22 +94,17 @@ class Sender:
         return _RESULT[type(outcome)]
 
     async def _journal(self, event: Event) -> bool:
-        with trio.move_on_after(self._ack_timeout):
+        """Journal `event`, waiting at most the ack timeout. Shielded: once Twilio may have
+        acted, a shutdown must not keep its answer out of the record."""
+        with trio.move_on_after(self._ack_timeout, shield=True):
             return not isinstance(await journal(self._intake, event), JournalUnavailable)
         return False
 
     def _requested_data(self, request: SendRequest) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "to": request.to, "from": request.from_,
-            "messaging_service_sid": request.messaging_service_sid,
-            "body_sha256": hashlib.sha256(request.body.encode()).hexdigest(),
-            "status_callback": self.status_callback(request.ref),
-        }
-        if self._keep_body == "full":
-            data["body"] = request.body
-        if self._keep_body in ("full", "hash"):
-            data["body_length"] = len(request.body)
-        return data
+        return {"to": request.to, "from": request.from_,
+                "messaging_service_sid": request.messaging_service_sid,
+                "status_callback": self.status_callback(request.ref),
+                **body_fields(request.body, self._keep_body)}
 
     def _create_params(self, request: SendRequest) -> dict[str, Any]:
         params: dict[str, Any] = {"to": request.to, "body": request.body,
@@ -101,6 +114,16 @@ class Sender:
         if request.messaging_service_sid:
             params["messaging_service_sid"] = request.messaging_service_sid
         return params
+
+
+def body_fields(body: str, keep_body: str) -> dict[str, Any]:
+    """What `store.keep_body` lets the record keep of a body; its SHA-256 always."""
+    fields: dict[str, Any] = {"body_sha256": hashlib.sha256(body.encode()).hexdigest()}
+    if keep_body == "full":
+        fields["body"] = body
+    if keep_body in ("full", "hash"):
+        fields["body_length"] = len(body)
+    return fields
 
 
 _RESULT: dict[type, SendResult] = {Accepted: "accepted", Rejected: "rejected", Unknown: "unknown"}

@@ -241,6 +241,10 @@ def _parse_all(raw: Mapping[str, Mapping[str, object]]) -> dict[str, Any]:
     return parsed
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
     host, port = p["http.listen"]
     if require_secrets and p["http.webhooks"] and not p["twilio.auth_token"]:
@@ -248,6 +252,10 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
             "twilio.auth_token: required while http.webhooks is on (it checks signatures); "
             "set MSGLEDGER_TWILIO_AUTH_TOKEN or TWILIO_AUTH_TOKEN"
         )
+    if p["http.webhooks"] and p["http.public_url"] is None and not is_loopback(host):
+        raise ConfigError(
+            "http.public_url: required when listening beyond loopback; signatures are checked"
+            " against the URL Twilio calls, which the bound address does not tell")
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")

@@ -30,7 +30,7 @@ from .logs import get_logger
 T = TypeVar("T")
 log = get_logger("msgledger.twilio")
 
-MAX_ATTEMPTS = 5  # a create refused this often (429 or no connection) is recorded unknown
+MAX_ATTEMPTS = 5  # a create refused this often (429 or no connection) is recorded rejected
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from quart_trio import QuartTrio
 from .. import store
 from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
 from ..metrics import Metrics
-from ..sender import Sender
+from ..sender import Sender, SendRequest, body_fields
 from . import payloads
 from .state import ServerState
 
@@ -41,6 +40,7 @@ class ApiDeps:
     intake: JournalIntake
     ack_timeout: float
     overdue_after: float  # seconds
+    keep_body: str
 
 
 class StoreReader:
@@ -115,16 +115,22 @@ async def _json() -> object:
     return payload
 
 
-async def _send(deps: ApiDeps, reader: StoreReader, wanted: Any) -> Reply:
+async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> Reply:
     if not deps.sender.configured:
         return jsonify(error="twilio.account_sid and twilio.auth_token are not configured"), 503
-    existing = await reader.record(wanted.ref)
-    if existing is not None:  # the caller retried: never send the same ref twice
-        return jsonify({**existing, "error": f"ref {wanted.ref!r} was already used"}), 409
-    result = await deps.sender.send(wanted)
+    if not deps.sender.claim(wanted.ref):
+        return jsonify(error=f"ref {wanted.ref!r} is being sent by another request"), 409
+    try:
+        existing = await reader.record(wanted.ref)
+        if existing is not None:  # the caller retried: never send the same ref twice
+            return jsonify({**existing, "error": f"ref {wanted.ref!r} was already used"}), 409
+        result = await deps.sender.send(wanted)
+    finally:
+        deps.sender.release(wanted.ref)
     record = await reader.record(wanted.ref)
     if record is None:
-        return jsonify(error="not journaled: nothing was sent", ref=wanted.ref), 503
+        return jsonify(error="not journaled in time: nothing was sent, but the request may"
+                       " still be recorded later; retry with a new ref", ref=wanted.ref), 503
     return jsonify(record), SEND_STATUS[result]
 
 
@@ -134,7 +140,7 @@ async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration
         return jsonify(existing), 200  # idempotent on the SID
     data: dict[str, Any] = {"to": r.to, "from": r.from_}
     if r.body is not None:
-        data.update(body=r.body, body_sha256=hashlib.sha256(r.body.encode()).hexdigest())
+        data.update(body_fields(r.body, deps.keep_body))
     event = Event("register", "register", utc_now(), sid=r.sid, ref=r.ref, status=r.status,
                   data=data)
     ack: int | JournalUnavailable = JournalUnavailable("journal not durable in time")

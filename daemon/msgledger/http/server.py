@@ -20,9 +20,13 @@ KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than common proxies' idle timeouts (6
 
 
 class Front:
-    """Route `/twilio/*` to the webhook receiver and the rest to Quart."""
+    """Route `/twilio/*` to the webhook receiver and the rest to Quart.
 
-    def __init__(self, webhooks: WebhookReceiver, app: ASGIFramework,
+    Without a receiver (`http.webhooks = false`) the webhook paths fall through to Quart,
+    which answers 404.
+    """
+
+    def __init__(self, webhooks: WebhookReceiver | None, app: ASGIFramework,
                  intake: JournalIntake) -> None:
         self._webhooks = webhooks
         self._app = app
@@ -30,7 +34,7 @@ class Front:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
-        if scope["type"] == "http" and scope["path"] in ROUTES:
+        if self._webhooks is not None and scope["type"] == "http" and scope["path"] in ROUTES:
             await self._webhooks(scope, receive, send)
         else:
             await self._app(scope, receive, send)

@@ -41,6 +41,8 @@ class _FormPairs:
 
 class SignatureChecker:
     def __init__(self, auth_token: str) -> None:
+        if not auth_token:  # an empty HMAC key would make every forged signature "valid"
+            raise ValueError("a signature check needs the auth token")
         self._validator = RequestValidator(auth_token)
 
     def check(self, url: str, pairs: Sequence[tuple[str, str]], signature: str,

@@ -69,7 +69,10 @@ class Projector:
         self._by_ref: dict[str, int] = {}
         self._pending: dict[int, _Pending] = {}
         self._links: list[tuple[int, int]] = []
-        row = self._conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        # The high-water mark, not max(id): a merge may have deleted the newest message.
+        row = self._conn.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
+        ).fetchone()
         self._next_id = int(row[0]) + 1
 
     def apply(self, event: Event, seq: int) -> int | None:

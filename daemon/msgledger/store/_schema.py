@@ -33,8 +33,10 @@ BEGIN SELECT RAISE(ABORT, 'journal is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS journal_refuses_delete BEFORE DELETE ON journal
 BEGIN SELECT RAISE(ABORT, 'journal is append-only: DELETE refused'); END;
 
+-- AUTOINCREMENT: an id freed by a merge is never handed out again, so the ids a replay
+-- assigns match the stored ones however often the writer restarted.
 CREATE TABLE IF NOT EXISTS messages (
-    id                    INTEGER PRIMARY KEY,
+    id                    INTEGER PRIMARY KEY AUTOINCREMENT,
     sid                   TEXT UNIQUE,
     ref                   TEXT UNIQUE,
     to_number             TEXT,
