@@ -9,13 +9,17 @@ import json
 import resource
 import signal
 import sqlite3
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
 import httpx
 import trio
+import trio.testing
 
 from msgledger import store
+from msgledger.main import run as run_daemon
+from msgledger.settings import load as load_settings
 
 from .conftest import (
     API_TOKEN,
@@ -166,3 +170,36 @@ async def test_journal_too_slow_answers_503(tmp_path: Path) -> None:
             fine = await ledger.post_status(callback_params(new_sid(), "sent"))
     assert slow.status_code == 503
     assert fine.status_code == 200
+
+
+async def test_drain_finishes_in_flight_callbacks(tmp_path: Path) -> None:
+    """Callbacks already in flight when the drain starts are still journaled and answered
+    200 before the daemon stops; the journal closes only after them."""
+    db = tmp_path / "drain.db"
+    sids = [new_sid() for _ in range(10)]
+    codes: list[int] = []
+    stop = trio.Event()
+    settings_ = load_settings(environ=daemon_environ(db))
+    with trio.fail_after(30):
+        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+            running = await nursery.start(partial(run_daemon, settings_, stop=stop,
+                                                  handle_signals=False))
+            blocker = sqlite3.connect(db, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # commits wait: the callbacks stay in flight
+
+            async def post(sid: str) -> None:
+                params = callback_params(sid, "delivered")
+                url = running.url + "/twilio/status"
+                response = await client.post(url, content=urlencode(params),
+                                             headers=signed(url, params))
+                codes.append(response.status_code)
+
+            for sid in sids:
+                nursery.start_soon(post, sid)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            stop.set()  # drain starts while all ten wait for the journal
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            blocker.execute("COMMIT")
+            blocker.close()
+    assert codes == [200] * len(sids)
+    assert set(sids) <= journaled_sids(db)
