@@ -185,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not _store_exists(settings.store_path):
         return EXIT_STORE
     now = dt.datetime.now(dt.UTC)
-    cutoff = (now - dt.timedelta(seconds=settings.overdue_after)).isoformat()
+    cutoff = store.overdue_cutoff(settings.overdue_after, now)
     conn = store.connect(settings.store_path, readonly=True)
     try:
         conn.execute("BEGIN")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -152,10 +151,7 @@ async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration
 
 
 async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> Reply:
-    sent_before = None
-    if q.overdue:
-        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=deps.overdue_after)
-        sent_before = cutoff.isoformat(timespec="microseconds")
+    sent_before = store.overdue_cutoff(deps.overdue_after) if q.overdue else None
     records, cursor = await reader.run(
         store.list_records, status=q.status, sent_before=sent_before, since=q.since,
         until=q.until, after=q.after, limit=q.limit)

@@ -8,6 +8,7 @@ from ._reader import (
     journal_size,
     list_records,
     overdue_backlog,
+    overdue_cutoff,
     status_counts,
 )
 from ._schema import connect
@@ -16,4 +17,4 @@ from ._writer import ChainBroken, JournalWriter
 
 __all__ = ["FINAL", "RANK", "ChainBroken", "JournalWriter", "MessageState", "Record",
            "VerifyResult", "apply", "connect", "find_record", "iter_records", "journal_size",
-           "list_records", "overdue_backlog", "rank", "status_counts", "verify"]
+           "list_records", "overdue_backlog", "overdue_cutoff", "rank", "status_counts", "verify"]

@@ -3,7 +3,8 @@
 A pure fold: `apply(state, event)` never looks at anything but its arguments, so the
 stored projection can always be rebuilt by replaying the journal, and the rules can be
 tested as properties. The status never goes backwards: it is the highest-ranked one seen,
-and the result does not depend on the order the events arrived in.
+and it, its error code, its flags and the times do not depend on the order the events
+arrived in. Descriptive fields (to, from, body) keep the first value seen.
 """
 
 from __future__ import annotations

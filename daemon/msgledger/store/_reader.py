@@ -6,6 +6,7 @@ everything read inside one transaction comes from one consistent snapshot.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -122,6 +123,12 @@ def _with_history(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Record:
 def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {str(status): int(n) for status, n in conn.execute(
         "SELECT coalesce(status, 'none'), count(*) FROM messages GROUP BY 1 ORDER BY 1")}
+
+
+def overdue_cutoff(overdue_after: float, now: dt.datetime | None = None) -> str:
+    """The `sent_at` before which a message that is not final is overdue."""
+    now = now or dt.datetime.now(dt.UTC)
+    return (now - dt.timedelta(seconds=overdue_after)).isoformat(timespec="microseconds")
 
 
 def overdue_backlog(conn: sqlite3.Connection, sent_before: str) -> tuple[int, str | None]:
