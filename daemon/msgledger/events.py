@@ -89,3 +89,13 @@ async def journal(intake: JournalIntake, event: Event) -> Ack:
             return await reply_receive.receive()
         except trio.EndOfChannel:
             return JournalUnavailable("journal stopped before answering")
+
+
+async def journal_within(intake: JournalIntake, event: Event, seconds: float, *,
+                         shield: bool = False) -> Ack:
+    """`journal`, waiting at most `seconds`: running out is an answer (JournalUnavailable,
+    a 503 to the caller), not an exception, so every producer handles one outcome type.
+    `shield` keeps a shutdown from abandoning an event whose outcome must be recorded."""
+    with trio.move_on_after(seconds, shield=shield):
+        return await journal(intake, event)
+    return JournalUnavailable("journal not durable in time")

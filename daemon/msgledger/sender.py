@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import trio
 
-from .events import Event, JournalIntake, JournalUnavailable, journal, utc_now
+from .events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
 from .logs import get_logger
 from .twilio_api import Accepted, CreateOutcome, Rejected, TwilioApi, Unknown
 
@@ -96,9 +96,8 @@ class Sender:
     async def _journal(self, event: Event) -> bool:
         """Journal `event`, waiting at most the ack timeout. Shielded: once Twilio may have
         acted, a shutdown must not keep its answer out of the record."""
-        with trio.move_on_after(self._ack_timeout, shield=True):
-            return not isinstance(await journal(self._intake, event), JournalUnavailable)
-        return False
+        ack = await journal_within(self._intake, event, self._ack_timeout, shield=True)
+        return not isinstance(ack, JournalUnavailable)
 
     def _requested_data(self, request: SendRequest) -> dict[str, Any]:
         return {"to": request.to, "from": request.from_,

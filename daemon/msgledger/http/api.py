@@ -13,7 +13,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from .. import store
-from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
+from ..events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
 from ..metrics import Metrics
 from ..sender import Sender, SendRequest, body_fields
 from . import payloads
@@ -142,9 +142,7 @@ async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration
         data.update(body_fields(r.body, deps.keep_body))
     event = Event("register", "register", utc_now(), sid=r.sid, ref=r.ref, status=r.status,
                   data=data)
-    ack: int | JournalUnavailable = JournalUnavailable("journal not durable in time")
-    with trio.move_on_after(deps.ack_timeout):
-        ack = await journal(deps.intake, event)
+    ack = await journal_within(deps.intake, event, deps.ack_timeout)
     if isinstance(ack, JournalUnavailable):
         return jsonify(error=str(ack)), 503
     return jsonify(await reader.record(r.sid)), 201

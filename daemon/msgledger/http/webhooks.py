@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, parse_qsl
 
-import trio
 from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import HTTPScope as Scope
 
-from ..events import Event, JournalIntake, JournalUnavailable, journal, utc_now
+from ..events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
 from ..logs import get_logger
 from ..metrics import Metrics
 from .signature import SignatureChecker
@@ -114,9 +113,7 @@ class WebhookReceiver:
             f"?{query.decode('latin-1')}" if query else "")
 
     async def _journal(self, event: Event) -> Outcome:
-        ack: int | JournalUnavailable = JournalUnavailable("journal not durable in time")
-        with trio.move_on_after(self.ack_timeout):
-            ack = await journal(self.intake, event)
+        ack = await journal_within(self.intake, event, self.ack_timeout)
         if isinstance(ack, JournalUnavailable):
             return Outcome(503, str(ack), event)
         return Outcome(200, "journaled", event, ack)
