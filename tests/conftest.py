@@ -59,6 +59,7 @@ class Ledger:
     public_url: str
     store_path: Path
     client: httpx.AsyncClient
+    stop: trio.Event  # set it to start the graceful drain; leaving the context waits for it
 
     async def post_status(self, params: Mapping[str, str], *, ref: str | None = None,
                           token: str = AUTH_TOKEN) -> httpx.Response:
@@ -86,7 +87,8 @@ async def open_ledger(environ: Mapping[str, str]) -> AsyncIterator[Ledger]:
         running = await nursery.start(partial(main.run, settings_, stop=stop,
                                               handle_signals=False))
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
-            yield Ledger(running.url, running.public_url, Path(settings_.store_path), client)
+            yield Ledger(running.url, running.public_url, Path(settings_.store_path), client,
+                         stop)
         stop.set()
 
 
@@ -103,7 +105,8 @@ class ChildDaemon:
 
     process: trio.Process
     url: str
-    lines: list[dict[str, object]]
+    ready: dict[str, object]  # the log line waited for
+    lines: list[dict[str, object]]  # every log line so far, parsed
 
 
 def child_env(store_path: Path, **extra: str) -> dict[str, str]:
@@ -111,20 +114,23 @@ def child_env(store_path: Path, **extra: str) -> dict[str, str]:
     return {**base, **daemon_environ(store_path, **extra)}
 
 
-async def start_child(nursery: trio.Nursery, env: Mapping[str, str]) -> ChildDaemon:
-    """Start `msgledger run` and wait for its `daemon_ready` log line."""
+async def start_child(nursery: trio.Nursery, env: Mapping[str, str], *args: str,
+                      ready_event: str = "daemon_ready", cwd: Path | None = None) -> ChildDaemon:
+    """Start `msgledger run [args]` and wait for its `ready_event` log line."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "msgledger", "run"], env=dict(env), stdout=subprocess.PIPE)
+        [sys.executable, "-m", "msgledger", "run", *args], env=dict(env),
+        stdout=subprocess.PIPE, cwd=cwd)
     lines: list[dict[str, object]] = []
     ready = trio.Event()
-    nursery.start_soon(_read_logs, process, lines, ready)
+    nursery.start_soon(_read_logs, process, lines, ready_event, ready)
     with trio.fail_after(20):
         await ready.wait()
     url = next(str(line["url"]) for line in lines if line.get("event") == "daemon_ready")
-    return ChildDaemon(process, url, lines)
+    ready_line = next(line for line in lines if line.get("event") == ready_event)
+    return ChildDaemon(process, url, ready_line, lines)
 
 
-async def _read_logs(process: trio.Process, lines: list[dict[str, object]],
+async def _read_logs(process: trio.Process, lines: list[dict[str, object]], ready_event: str,
                      ready: trio.Event) -> None:
     assert process.stdout is not None
     buffer = b""
@@ -133,5 +139,5 @@ async def _read_logs(process: trio.Process, lines: list[dict[str, object]],
         *complete, buffer = buffer.split(b"\n")
         for raw in complete:
             lines.append(json.loads(raw))
-            if lines[-1].get("event") == "daemon_ready":
+            if lines[-1].get("event") == ready_event:
                 ready.set()

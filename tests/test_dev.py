@@ -4,54 +4,38 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import trio
 
-from .conftest import child_env
+from .conftest import child_env, start_child
 
 
 async def test_dev_mode_sends_through_its_simulator(tmp_path: Path) -> None:
     """The dev daemon starts with its own simulator and throwaway tokens, sends a message
     through it, and stops cleanly on SIGTERM."""
     env = child_env(tmp_path / "dev.db")  # a real-looking API token in the environment
-    lines: list[str] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "msgledger", "run", "--dev"], env=env,
-                stdout=subprocess.PIPE, cwd=tmp_path)
-            ready = await _wait_for(process, "dev_ready", lines)
-            url = ready["try_it"].rsplit(" ", 1)[-1]
+            child = await start_child(nursery, env, "--dev", ready_event="dev_ready",
+                                      cwd=tmp_path)
+            token = str(child.ready["api_token"])
+            assert str(child.ready["try_it"]).endswith(f"{child.url}/v1/messages")
             async with httpx.AsyncClient() as client:
-                sent = await client.post(url, json={"to": "+15558675310",
-                                                    "from": "+15005550006", "body": "hi"},
-                                         headers={"Authorization": f"Bearer {ready['api_token']}"})
-            process.send_signal(signal.SIGTERM)
-            assert await process.wait() == 0
-            nursery.cancel_scope.cancel()
+                sent = await client.post(child.url + "/v1/messages",
+                                         json={"to": "+15558675310", "from": "+15005550006",
+                                               "body": "hi"},
+                                         headers={"Authorization": f"Bearer {token}"})
+            child.process.send_signal(signal.SIGTERM)
+            assert await child.process.wait() == 0
     assert sent.status_code == 201
     assert sent.json()["sid"].startswith("SM")
-    assert ready["api_token"] != env["MSGLEDGER_API_TOKEN"]  # never the environment's
-    assert env["MSGLEDGER_API_TOKEN"] not in "".join(lines)
-    assert ready["api_token"] not in "".join(line for line in lines if "dev_ready" not in line)
-
-
-async def _wait_for(process: trio.Process, event: str, lines: list[str]) -> dict[str, str]:
-    assert process.stdout is not None
-    buffer = b""
-    async for chunk in process.stdout:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            lines.append(raw.decode())
-            parsed = json.loads(raw)
-            if parsed.get("event") == event:
-                return dict(parsed)
-    raise AssertionError(f"no {event} line; got {lines}")
+    assert token != env["MSGLEDGER_API_TOKEN"]  # never the environment's
+    assert env["MSGLEDGER_API_TOKEN"] not in json.dumps(child.lines)
+    others = [line for line in child.lines if line.get("event") != "dev_ready"]
+    assert token not in json.dumps(others)
 
 
 async def test_a_taken_port_is_one_log_line_and_exit_4(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import resource
 import signal
 import sqlite3
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -18,8 +17,6 @@ import trio
 import trio.testing
 
 from msgledger import store
-from msgledger.main import run as run_daemon
-from msgledger.settings import load as load_settings
 
 from .conftest import (
     API_TOKEN,
@@ -178,28 +175,22 @@ async def test_drain_finishes_in_flight_callbacks(tmp_path: Path) -> None:
     db = tmp_path / "drain.db"
     sids = [new_sid() for _ in range(10)]
     codes: list[int] = []
-    stop = trio.Event()
-    settings_ = load_settings(environ=daemon_environ(db))
     with trio.fail_after(30):
-        async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
-            running = await nursery.start(partial(run_daemon, settings_, stop=stop,
-                                                  handle_signals=False))
-            blocker = sqlite3.connect(db, isolation_level=None)
-            blocker.execute("BEGIN IMMEDIATE")  # commits wait: the callbacks stay in flight
+        async with open_ledger(daemon_environ(db)) as ledger:
 
             async def post(sid: str) -> None:
-                params = callback_params(sid, "delivered")
-                url = running.url + "/twilio/status"
-                response = await client.post(url, content=urlencode(params),
-                                             headers=signed(url, params))
-                codes.append(response.status_code)
+                codes.append((await ledger.post_status(callback_params(sid, "delivered")))
+                             .status_code)
 
-            for sid in sids:
-                nursery.start_soon(post, sid)
-            await trio.testing.wait_all_tasks_blocked(0.05)
-            stop.set()  # drain starts while all ten wait for the journal
-            await trio.testing.wait_all_tasks_blocked(0.05)
-            blocker.execute("COMMIT")
-            blocker.close()
+            blocker = sqlite3.connect(db, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # commits wait: the callbacks stay in flight
+            async with trio.open_nursery() as nursery:
+                for sid in sids:
+                    nursery.start_soon(post, sid)
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                ledger.stop.set()  # drain starts while all ten wait for the journal
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                blocker.execute("COMMIT")
+                blocker.close()
     assert codes == [200] * len(sids)
     assert set(sids) <= journaled_sids(db)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -19,8 +19,6 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from msgledger import store
-from msgledger.main import run as run_daemon
-from msgledger.settings import load as load_settings
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
 
 from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, Ledger, daemon_environ, open_ledger
@@ -32,8 +30,9 @@ ALWAYS_DELIVERED = OutcomeWeights(delivered=1, undelivered=0, failed=0)
 
 @asynccontextmanager
 async def sim_and_ledger(tmp_path: Path, *, api_base_url: str | None = None,
+                         env: Mapping[str, str] | None = None,
                          **knobs: Any) -> AsyncIterator[tuple[Simulator, Ledger]]:
-    """The simulator playing Twilio, and a daemon sending through it."""
+    """The simulator playing Twilio, and a daemon sending through it; `env` adds settings."""
     sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN, step_delay=FAST,
                          outcome_weights=ALWAYS_DELIVERED, seed=7, **knobs)
     async with trio.open_nursery() as nursery:
@@ -41,7 +40,8 @@ async def sim_and_ledger(tmp_path: Path, *, api_base_url: str | None = None,
         environ = daemon_environ(
             tmp_path / "out.db", MSGLEDGER_TWILIO_ACCOUNT_SID=ACCOUNT_SID,
             MSGLEDGER_TWILIO_API_BASE_URL=api_base_url or sim.base_url,
-            MSGLEDGER_TWILIO_RETRY_BACKOFF="10ms", MSGLEDGER_POLLER_OVERDUE_AFTER="1ms")
+            MSGLEDGER_TWILIO_RETRY_BACKOFF="10ms", MSGLEDGER_POLLER_OVERDUE_AFTER="1ms",
+            **(env or {}))
         async with open_ledger(environ) as ledger:
             yield sim, ledger
         nursery.cancel_scope.cancel()
@@ -241,25 +241,15 @@ async def test_concurrent_sends_of_one_ref_send_once(tmp_path: Path) -> None:
 async def test_shutdown_mid_send_keeps_the_outcome(tmp_path: Path) -> None:
     """A send still waiting for Twilio when the daemon drains past its graceful timeout
     still gets its outcome (the SID) journaled before the daemon stops."""
-    sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN, latency=1.0, step_delay=FAST)
-    db = tmp_path / "drain.db"
+    drain_fast = {"MSGLEDGER_HTTP_GRACEFUL_TIMEOUT": "100ms"}
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            sim = await nursery.start(partial(serve_sim, sim_knobs))
-            environ = daemon_environ(db, MSGLEDGER_TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-                                     MSGLEDGER_TWILIO_API_BASE_URL=sim.base_url,
-                                     MSGLEDGER_HTTP_GRACEFUL_TIMEOUT="100ms")
-            settings_ = load_settings(environ=environ)
-            stop = trio.Event()
-            async with httpx.AsyncClient() as client, trio.open_nursery() as daemon:
-                running = await daemon.start(partial(run_daemon, settings_, stop=stop,
-                                                     handle_signals=False))
-                daemon.start_soon(_post_quietly, client, running.url + "/v1/messages")
-                while sim.stats.requests == 0:  # the create is at Twilio, awaiting its answer
-                    await trio.testing.wait_all_tasks_blocked(0.01)
-                stop.set()
-            nursery.cancel_scope.cancel()
-    conn = store.connect(str(db), readonly=True)
+        async with (sim_and_ledger(tmp_path, env=drain_fast, latency=1.0) as (sim, ledger),
+                    trio.open_nursery() as posting):
+            posting.start_soon(_post_quietly, ledger.client, "/v1/messages")
+            while sim.stats.requests == 0:  # the create is at Twilio, awaiting its answer
+                await trio.testing.wait_all_tasks_blocked(0.01)
+            ledger.stop.set()
+    conn = store.connect(str(ledger.store_path), readonly=True)
     record = store.find_record(conn, "mid-send")
     conn.close()
     assert record is not None
@@ -315,16 +305,10 @@ async def test_list_filters_by_status_and_overdue(tmp_path: Path) -> None:
 
 async def test_keep_body_hash_keeps_only_the_hash(tmp_path: Path) -> None:
     """With store.keep_body = "hash" the body never reaches the store, its SHA-256 does."""
-    environ_extra = {"MSGLEDGER_STORE_KEEP_BODY": "hash"}
-    sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN, step_delay=FAST)
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            sim = await nursery.start(partial(serve_sim, sim_knobs))
-            environ = daemon_environ(tmp_path / "h.db", MSGLEDGER_TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-                                     MSGLEDGER_TWILIO_API_BASE_URL=sim.base_url, **environ_extra)
-            async with open_ledger(environ) as ledger:
-                record = (await send(ledger, body="secret text")).json()
-            nursery.cancel_scope.cancel()
+        async with sim_and_ledger(tmp_path, env={"MSGLEDGER_STORE_KEEP_BODY": "hash"}) as (
+                _, ledger):
+            record = (await send(ledger, body="secret text")).json()
     assert record["body"] is None
     assert record["body_sha256"] == hashlib.sha256(b"secret text").hexdigest()
-    assert b"secret text" not in (tmp_path / "h.db").read_bytes()
+    assert b"secret text" not in ledger.store_path.read_bytes()

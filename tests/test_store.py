@@ -156,49 +156,26 @@ def test_verify_fails_on_a_missing_store(tmp_path: Path) -> None:
     assert not (tmp_path / "absent.db").exists()
 
 
-def test_verify_names_an_edited_row(writer: store.JournalWriter, path: str) -> None:
-    """Changing one journal row's data is found, at that row."""
+@pytest.mark.parametrize(("sql", "bad_seq"), [
+    # changing one journal row's data is found at that row
+    ("""UPDATE journal SET data = '{"sid":"x","status":"failed"}' WHERE seq = 2""", 2),
+    # changing a row's indexed status column (not its data) is found at that row
+    ("UPDATE journal SET status = 'delivered' WHERE seq = 5", 5),
+    # deleting a row from the middle is found as the gap in the sequence
+    ("DELETE FROM journal WHERE seq = 3", 3),
+    # deleting the very first row is found at sequence number 1
+    ("DELETE FROM journal WHERE seq = 1", 1),
+    # deleting the newest row leaves a valid chain, but the projection still betrays it
+    ("DELETE FROM journal WHERE seq = 5", 5),
+], ids=["edited-data", "edited-status", "deleted-middle", "deleted-first", "truncated-tail"])
+def test_verify_names_the_tampered_row(writer: store.JournalWriter, path: str, sql: str,
+                                       bad_seq: int) -> None:
+    """Any edit or deletion of a journal row makes verify fail, naming that row."""
     five_events(writer)
     writer.close()
-    tamper(path, """UPDATE journal SET data = '{"sid":"x","status":"failed"}' WHERE seq = 2""")
+    tamper(path, sql)
     result = store.verify(path)
-    assert (result.ok, result.first_bad_seq) == (False, 2)
-
-
-def test_verify_names_an_edited_status_column(writer: store.JournalWriter, path: str) -> None:
-    """Changing a row's indexed status column (not its data) is found, at that row."""
-    five_events(writer)
-    writer.close()
-    tamper(path, "UPDATE journal SET status = 'delivered' WHERE seq = 5")
-    result = store.verify(path)
-    assert (result.ok, result.first_bad_seq) == (False, 5)
-
-
-def test_verify_names_a_deleted_row(writer: store.JournalWriter, path: str) -> None:
-    """Deleting a row from the middle is found as the gap in the sequence."""
-    five_events(writer)
-    writer.close()
-    tamper(path, "DELETE FROM journal WHERE seq = 3")
-    result = store.verify(path)
-    assert (result.ok, result.first_bad_seq) == (False, 3)
-
-
-def test_verify_names_a_deleted_first_row(writer: store.JournalWriter, path: str) -> None:
-    """Deleting the very first row is found at sequence number 1."""
-    five_events(writer)
-    writer.close()
-    tamper(path, "DELETE FROM journal WHERE seq = 1")
-    result = store.verify(path)
-    assert (result.ok, result.first_bad_seq) == (False, 1)
-
-
-def test_verify_finds_a_truncated_tail(writer: store.JournalWriter, path: str) -> None:
-    """Deleting the newest row leaves a valid chain, but the projection still betrays it."""
-    five_events(writer)
-    writer.close()
-    tamper(path, "DELETE FROM journal WHERE seq = 5")
-    result = store.verify(path)
-    assert (result.ok, result.first_bad_seq) == (False, 5)
+    assert (result.ok, result.first_bad_seq) == (False, bad_seq)
 
 
 def test_verify_names_an_edited_projection(writer: store.JournalWriter, path: str) -> None:
