@@ -1,7 +1,7 @@
 """The journal actor: the only writer of the store.
 
 Consumes `Submission`s from its inbox, commits them in groups (one transaction and one
-fsync for every event waiting), and answers each submission's reply channel with the
+fsync for every event waiting), and answers each submission's reply with the
 event's sequence number, or with `JournalUnavailable` when the commit failed. A failed
 commit does not end the actor: it logs loudly, answers 503-worthy errors, and tries again
 with the next batch, so the daemon recovers by itself when the disk does. Ends when every
@@ -10,7 +10,6 @@ producer has closed its clone of the intake channel and the inbox is drained.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -86,6 +85,4 @@ def _append_one(writer: JournalWriter, submission: Submission) -> Ack:
 
 
 def _answer(submission: Submission, ack: Ack) -> None:
-    # BrokenResourceError: the producer gave up waiting (ack timeout); the event is kept.
-    with submission.reply, contextlib.suppress(trio.BrokenResourceError):
-        submission.reply.send_nowait(ack)
+    submission.reply.answer(ack)  # a producer that gave up waiting is not woken; event kept

@@ -5,7 +5,7 @@ writer uses it inside the commit that appends the events; `verify` uses it to re
 journal into a fresh database, so both see exactly the same rules and assign the same ids.
 
 It folds a whole batch in memory (one lookup per message, however many of its events the
-batch holds) and writes the batch's changes with a few `executemany` calls at the end.
+batch holds) and writes the batch's changes with a few multi-row statements at the end.
 States live only for their batch: a longer-lived cache was tried and measured worse, since
 thousands of long-lived objects make the cyclic GC's full collections both more frequent
 and longer, and those pauses stall the event loop (paced p99 went from about 30 ms to over
@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from ..events import Event
+from ._bulk import insert_rows
 from ._projection import MessageState, apply
 
 _COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
             "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
             "updated_at", "sent_at", "last_seq")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM messages"
-_INSERT = (f"INSERT INTO messages (id, {', '.join(_COLUMNS)})"
-           f" VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})")
-_UPDATE = f"UPDATE messages SET {', '.join(f'{c} = ?' for c in _COLUMNS)} WHERE id = ?"
+_UPSERT_INTO = f"INSERT INTO messages (id, {', '.join(_COLUMNS)})"
+_UPSERT_TAIL = (" ON CONFLICT (id) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS))
+_LOOKUP_CHUNK = 250  # identifiers per IN (...): under SQLite's oldest limit of 999 variables
 
 
 def event_from_row(row: sqlite3.Row | tuple[object, ...]) -> Event:
@@ -49,7 +51,6 @@ def fold(events: Iterable[Event]) -> MessageState | None:
 class _Pending:
     state: MessageState
     last_seq: int
-    new: bool  # not in the table yet: INSERT rather than UPDATE
 
 
 class Projector:
@@ -69,11 +70,31 @@ class Projector:
         self._by_ref: dict[str, int] = {}
         self._pending: dict[int, _Pending] = {}
         self._links: list[tuple[int, int]] = []
+        self._absent: dict[str, set[str]] = {"sid": set(), "ref": set()}
         # The high-water mark, not max(id): a merge may have deleted the newest message.
         row = self._conn.execute(
             "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)"
         ).fetchone()
         self._next_id = int(row[0]) + 1
+
+    def prefetch(self, events: Iterable[Event]) -> None:
+        """Load every message the batch's events name in a few queries, not one per event.
+
+        Also remembers which identifiers the table does not hold, so `apply` needs no query
+        for a message it will create. Valid until the next `flush`.
+        """
+        for column in ("sid", "ref"):
+            index = self._by_sid if column == "sid" else self._by_ref
+            wanted = {v for e in events if (v := getattr(e, column)) is not None
+                      and v not in index}
+            found: set[str] = set()
+            for chunk in _chunks(sorted(wanted), _LOOKUP_CHUNK):
+                marks = ", ".join("?" * len(chunk))
+                for row in self._conn.execute(f"{_SELECT} WHERE {column} IN ({marks})", chunk):
+                    found.add(str(row[1 if column == "sid" else 2]))
+                    if int(row[0]) not in self._states:
+                        self._remember(int(row[0]), _state_from_row(row[1:]))
+            self._absent[column] |= wanted - found
 
     def apply(self, event: Event, seq: int) -> int | None:
         """Fold `event` (journal sequence `seq`) into its message; returns the message id.
@@ -87,29 +108,23 @@ class Projector:
         state = apply(None if message_id is None else self._states[message_id], event)
         if extra:
             state = replace(state, flags=state.flags | extra)
-        new = message_id is None
         if message_id is None:
             message_id, self._next_id = self._next_id, self._next_id + 1
         self._remember(message_id, state)
-        pending = self._pending.get(message_id)
-        self._pending[message_id] = _Pending(state, seq, new or bool(pending and pending.new))
+        self._pending[message_id] = _Pending(state, seq)
         self._links.append((seq, message_id))
         return message_id
 
     def flush(self) -> None:
         """Write every buffered change: a handful of statements whatever the batch size."""
-        inserts = [(i, *_values(p.state, p.last_seq)) for i, p in self._pending.items() if p.new]
-        updates = [(*_values(p.state, p.last_seq), i) for i, p in self._pending.items()
-                   if not p.new]
-        if inserts:
-            self._conn.executemany(_INSERT, inserts)
-        if updates:
-            self._conn.executemany(_UPDATE, updates)
-        if self._links:
-            self._conn.executemany("INSERT INTO message_events (seq, message_id) VALUES (?, ?)",
-                                   self._links)
+        insert_rows(self._conn, _UPSERT_INTO,
+                    [(i, *_values(p.state, p.last_seq)) for i, p in self._pending.items()],
+                    _UPSERT_TAIL)
+        insert_rows(self._conn, "INSERT INTO message_events (seq, message_id)", self._links)
         self._pending.clear()
         self._links.clear()
+        for absent in self._absent.values():  # the rows just written may hold them now
+            absent.clear()
         self._states.clear()
         self._by_sid.clear()
         self._by_ref.clear()
@@ -135,7 +150,7 @@ class Projector:
             return None
         index = self._by_sid if column == "sid" else self._by_ref
         found = index.get(value)
-        if found is not None:
+        if found is not None or value in self._absent[column]:
             return found
         row = self._conn.execute(f"{_SELECT} WHERE {column} = ?", (value,)).fetchone()
         if row is None:
@@ -157,7 +172,7 @@ class Projector:
         state = fold(event_from_row(r[1:]) for r in rows)
         assert state is not None, "the kept message has at least the event that created it"
         self._remember(keep, state)
-        self._pending[keep] = _Pending(state, int(rows[-1][0]), new=False)
+        self._pending[keep] = _Pending(state, int(rows[-1][0]))
         return keep
 
     # --- the batch's working set
@@ -184,6 +199,11 @@ class Projector:
             del self._by_ref[state.ref]
 
 
+def _chunks(values: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
 def _state_from_row(row: tuple[object, ...]) -> MessageState:
     (sid, ref, to, from_, mss, body, body_sha256, status, error_code, terminals, flags,
      created_at, updated_at, sent_at, _) = row
@@ -199,5 +219,9 @@ def _state_from_row(row: tuple[object, ...]) -> MessageState:
 
 def _values(s: MessageState, last_seq: int) -> tuple[object, ...]:
     return (s.sid, s.ref, s.to, s.from_, s.messaging_service_sid, s.body, s.body_sha256,
-            s.status, s.error_code, json.dumps(sorted(s.terminals)),
-            json.dumps(sorted(s.flags)), s.created_at, s.updated_at, s.sent_at, last_seq)
+            s.status, s.error_code, _json_list(s.terminals), _json_list(s.flags),
+            s.created_at, s.updated_at, s.sent_at, last_seq)
+
+
+def _json_list(values: frozenset[str]) -> str:
+    return json.dumps(sorted(values)) if values else "[]"

@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..events import Event
+from ._bulk import insert_rows
 from ._chain import canonical_json, row_hash
 from ._messages import Projector
 from ._schema import GENESIS_HASH, connect, create
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
-INSERT_JOURNAL = ("INSERT INTO journal (seq, at, kind, source, sid, ref, status, data,"
-                  " prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+JOURNAL_INTO = ("INSERT INTO journal"
+                " (seq, at, kind, source, sid, ref, status, data, prev_hash, hash)")
+INSERT_JOURNAL = f"{JOURNAL_INTO} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # seq, at, kind, source, sid, ref, status, data, prev_hash, hash
 JournalRow = tuple[int, str, str, str, str | None, str | None, str | None, str, str, str]
 
@@ -63,7 +65,8 @@ class JournalWriter:
         rows = self._chain(events)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            self._conn.executemany(INSERT_JOURNAL, rows)
+            insert_rows(self._conn, JOURNAL_INTO, rows)
+            self._projector.prefetch(events)
             for event, row in zip(events, rows, strict=True):
                 self._projector.apply(event, row[0])
             self._projector.flush()
