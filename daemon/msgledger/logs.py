@@ -6,11 +6,11 @@ them) go through the same renderer so an admin tails one format.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 import trio
 
@@ -19,8 +19,11 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def _add_task_name(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    with contextlib.suppress(RuntimeError):  # outside trio: CLI commands, worker threads
-        event.setdefault("task", trio.lowlevel.current_task().name)
+    try:
+        task = trio.lowlevel.current_task()
+    except RuntimeError:  # outside trio: CLI commands, worker threads
+        return event
+    event.setdefault("task", task.name)
     return event
 
 
@@ -35,11 +38,13 @@ _SHARED: list[Any] = [
 def configure(level: str = "info") -> None:
     """Send every log line, ours and the standard library's, to stdout as JSON."""
     numeric = _LEVELS[level]
+    sys.stdout.flush()  # our lines go to its byte buffer below; nothing may overtake them
     structlog.configure(
+        # orjson renders a line in a third less time than json: this runs once per callback.
         processors=[*_SHARED, structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer()],
+                    structlog.processors.JSONRenderer(serializer=orjson.dumps)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)

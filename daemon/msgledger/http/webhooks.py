@@ -119,7 +119,7 @@ class WebhookReceiver:
         return Outcome(200, "journaled", event, ack)
 
     def _account(self, route: Route, outcome: Outcome, seconds: float) -> None:
-        self.metrics.callbacks.labels(route.name, str(outcome.http_status)).inc()
+        self.metrics.count_callback(route.name, outcome.http_status)
         event = outcome.event
         fields = {"route": route.name, "http_status": outcome.http_status,
                   "ms": round(seconds * 1000, 3)}
@@ -171,11 +171,11 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
     missing = [name for name in route.required if not form.get(name)]
     if missing:
         raise Refused(400, f"missing {', '.join(missing)}")
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    data = {"params": [list(p) for p in pairs], "url": url, "headers": {
+    query = scope.get("query_string", b"")
+    ref = parse_qs(query.decode("latin-1")).get("ref", [None])[0] if query else None
+    data = {"params": pairs, "url": url, "headers": {  # pairs are stored as JSON arrays
         k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
         if k.startswith(KEPT_HEADER_PREFIXES)}}
-    ref = query.get("ref", [None])[0]
     if route.name == "status":
         return Event("callback", "callback", utc_now(), sid=form["MessageSid"], ref=ref,
                      status=form["MessageStatus"], data=data)
