@@ -3,11 +3,14 @@ journal writer keeps beside it, `verify`, and the read queries."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from msgledger import store
 from msgledger.events import Event
@@ -302,6 +305,22 @@ def test_ref_conflict_with_a_known_sid(writer: store.JournalWriter, path: str) -
     assert [h["seq"] for h in y["history"]] == [2, 3]
 
 
+def test_merge_keeps_a_ref_conflict_apart(writer: store.JournalWriter, path: str) -> None:
+    """A message kept apart for naming another send's ref, later merged into its own send,
+    neither takes that ref along (two records with one ref) nor loses its flag."""
+    writer.append([accepted(SID_Y, "ref-1", at(1, 1))])
+    writer.append([accepted(SID_X, "ref-1", at(1, 2))])  # ref-1 is SID_Y's: kept apart
+    writer.append([requested("ref-2", at(1, 3))])
+    writer.append([accepted(SID_X, "ref-2", at(1, 4))])  # X's send: the two rows merge
+    conn = store.connect(path, readonly=True)
+    x = store.find_record(conn, SID_X)
+    conn.close()
+    assert x is not None and x["ref"] == "ref-2"
+    assert "ref_conflict" in x["flags"]
+    assert [h["seq"] for h in x["history"]] == [2, 3, 4]
+    assert store.verify(path).ok
+
+
 def test_duplicate_callbacks_are_all_kept(writer: store.JournalWriter, path: str) -> None:
     """The same callback twice is journaled twice and both stay in the history."""
     writer.append([callback(SID_X, "delivered", at(1, 1))])
@@ -401,3 +420,40 @@ def test_verify_after_a_merge_and_a_restart(path: str) -> None:
     writer.append([requested("ref-2", at(1, 4))])
     writer.close()
     assert store.verify(path) == store.VerifyResult(True, 4, 2)
+
+
+@st.composite
+def _batched_events(draw: st.DrawFn) -> list[list[Event]]:
+    """A few messages' events (sends, callbacks with and without our ref, in any order),
+    cut into batches at random."""
+    events: list[Event] = []
+    for second in range(draw(st.integers(min_value=1, max_value=14))):
+        sid, ref = draw(st.sampled_from([SID_X, SID_Y])), draw(st.sampled_from(["r1", "r2"]))
+        status = draw(st.sampled_from(["queued", "sent", "delivered", "failed"]))
+        make = draw(st.sampled_from(["requested", "accepted", "callback", "callback+ref"]))
+        events.append(requested(ref, at(1, second)) if make == "requested"
+                      else accepted(sid, ref, at(1, second)) if make == "accepted"
+                      else callback(sid, status, at(1, second),
+                                    ref=ref if make == "callback+ref" else None))
+    cuts = sorted(draw(st.sets(st.integers(min_value=1, max_value=len(events) - 1)))
+                  if len(events) > 1 else set())
+    bounds = [0, *cuts, len(events)]
+    return [events[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(batches=_batched_events())
+def test_any_batching_gives_the_replayed_projection(tmp_path_factory: pytest.TempPathFactory,
+                                                    batches: list[list[Event]]) -> None:
+    """However events are grouped into commits (the writer loads each batch's messages up
+    front), the projection equals `verify`'s event-by-event replay."""
+    path = str(tmp_path_factory.mktemp("batches") / "ledger.db")
+    writer = store.JournalWriter.open(path)
+    try:
+        for batch in batches:
+            writer.append(batch)
+    finally:
+        writer.close()
+    result = store.verify(path)
+    assert result.ok, result
+    assert result.events == sum(len(b) for b in batches)

@@ -141,7 +141,7 @@ class Projector:
                 return by_sid, replace(event, ref=None), frozenset({"ref_conflict"})
         if by_ref is not None and by_sid is not None and by_ref != by_sid:
             # A callback without our ref created a row before the send's SID was journaled.
-            return self._merge(keep=by_ref, gone=by_sid), event, frozenset()
+            return self._merge(keep=by_ref, gone=by_sid, ref=event.ref), event, frozenset()
         return (by_ref if by_ref is not None else by_sid), event, frozenset()
 
     def _find(self, column: str, value: str | None) -> int | None:
@@ -158,8 +158,10 @@ class Projector:
         self._remember(int(row[0]), _state_from_row(row[1:]))
         return int(row[0])
 
-    def _merge(self, *, keep: int, gone: int) -> int:
-        """Move `gone`'s events to `keep` and refold `keep` from all of them, in order."""
+    def _merge(self, *, keep: int, gone: int, ref: str | None) -> int:
+        """Move `gone`'s events to `keep` (whose ref is `ref`) and refold `keep` from all of
+        them, in order. An event of `gone` that carried another ref had been kept apart for
+        it: it stays flagged, and does not bring that ref along."""
         self.flush()  # the SQL below must see this batch's rows
         self._conn.execute("UPDATE message_events SET message_id = ? WHERE message_id = ?",
                            (keep, gone))
@@ -169,8 +171,11 @@ class Projector:
             "SELECT j.seq, j.at, j.kind, j.source, j.sid, j.ref, j.status, j.data"
             " FROM message_events e JOIN journal j ON j.seq = e.seq"
             " WHERE e.message_id = ? ORDER BY j.seq", (keep,)).fetchall()
-        state = fold(event_from_row(r[1:]) for r in rows)
+        events = [event_from_row(r[1:]) for r in rows]
+        state = fold(e if e.ref in (None, ref) else replace(e, ref=None) for e in events)
         assert state is not None, "the kept message has at least the event that created it"
+        if any(e.ref not in (None, ref) for e in events):
+            state = replace(state, flags=state.flags | {"ref_conflict"})
         self._remember(keep, state)
         self._pending[keep] = _Pending(state, int(rows[-1][0]))
         return keep

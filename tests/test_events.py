@@ -1,0 +1,86 @@
+"""The journal's reply future and the producers' bounded wait for it."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from msgledger.events import (
+    Event,
+    JournalUnavailable,
+    Reply,
+    Submission,
+    journal,
+    journal_within,
+)
+
+EVENT = Event("callback", "callback", "2024-05-01T10:00:00.000000+00:00", sid="SM1",
+              status="sent")
+
+
+async def test_answer_wakes_the_waiting_producer() -> None:
+    """A producer waiting on its reply gets exactly the answer the journal gave."""
+    reply = Reply()
+    async with trio.open_nursery() as nursery:
+        got: list[object] = []
+
+        async def wait() -> None:
+            got.append(await reply.wait())
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        reply.answer(42)
+    assert got == [42]
+
+
+async def test_answer_before_waiting_is_kept() -> None:
+    """An answer given before the producer waits is returned at once."""
+    reply = Reply()
+    reply.answer(7)
+    assert await reply.wait() == 7
+
+
+async def test_a_producer_that_gave_up_is_not_woken(autojump_clock: trio.abc.Clock) -> None:
+    """The journal may answer after the producer's deadline passed: nothing breaks."""
+    reply = Reply()
+    with trio.move_on_after(1) as scope:
+        await reply.wait()
+    assert scope.cancelled_caught
+    reply.answer(3)  # the journal committed the event later; no one to wake
+
+
+async def test_journal_within_answers_unavailable_on_timeout(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A journal that never answers makes the producer's wait end with JournalUnavailable
+    after exactly its bound."""
+    intake, inbox = trio.open_memory_channel[Submission](1)
+    with inbox:
+        started = trio.current_time()
+        ack = await journal_within(intake, EVENT, 5.0)
+        assert isinstance(ack, JournalUnavailable)
+        assert trio.current_time() - started == 5.0
+        assert inbox.receive_nowait().event is EVENT  # it was handed over, just not answered
+
+
+async def test_journal_answers_through_the_submission() -> None:
+    """`journal` hands the event over and returns what the consumer answered."""
+    intake, inbox = trio.open_memory_channel[Submission](1)
+    async with trio.open_nursery() as nursery:
+
+        async def consume() -> None:
+            submission = await inbox.receive()
+            submission.reply.answer(11)
+
+        nursery.start_soon(consume)
+        assert await journal(intake, EVENT) == 11
+
+
+async def test_full_intake_pushes_back_and_closed_intake_is_unavailable(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A full intake makes the producer wait for room; a closed one answers at once."""
+    intake, inbox = trio.open_memory_channel[Submission](0)
+    with trio.move_on_after(1) as scope:
+        await journal(intake, EVENT)  # nobody receives: blocked in send, not in the reply
+    assert scope.cancelled_caught
+    inbox.close()
+    assert isinstance(await journal(intake, EVENT), JournalUnavailable)
