@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from msgledger.deadlines import CHECK_EVERY, AckDeadlines
 from msgledger.events import (
     Event,
     JournalUnavailable,
@@ -84,3 +85,34 @@ async def test_full_intake_pushes_back_and_closed_intake_is_unavailable(
     assert scope.cancelled_caught
     inbox.close()
     assert isinstance(await journal(intake, EVENT), JournalUnavailable)
+
+
+async def test_deadlines_answer_an_unanswered_wait_in_time(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A webhook's wait through `AckDeadlines` ends with JournalUnavailable after its
+    timeout (at most one check interval late), and the event was handed over."""
+    deadlines = AckDeadlines(5.0)
+    intake, inbox = trio.open_memory_channel[Submission](1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deadlines.run)
+        started = trio.current_time()
+        ack = await deadlines.journal(intake, EVENT)
+        waited = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert isinstance(ack, JournalUnavailable)
+    assert 5.0 <= waited <= 5.0 + CHECK_EVERY
+    assert inbox.receive_nowait().event is EVENT
+
+
+async def test_deadlines_keep_answers_and_stop_at_the_first_live_wait() -> None:
+    """Expiry never overwrites an answer, lets answered entries go, and stops at the
+    oldest wait that is neither answered nor due."""
+    deadlines = AckDeadlines(5.0)
+    answered, due, live = Reply(), Reply(), Reply()
+    deadlines._waiting.extend([(1.0, answered), (2.0, due), (9.0, live)])  # set times
+    answered.answer(1)
+    deadlines.expire(now=3.0)
+    assert len(deadlines) == 1  # only the live wait is still watched
+    assert await answered.wait() == 1
+    assert isinstance(await due.wait(), JournalUnavailable)
+    assert not live.answered

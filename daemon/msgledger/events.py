@@ -78,6 +78,10 @@ class Reply:
         self._task: trio.lowlevel.Task | None = None
         self._ack: Ack | None = None
 
+    @property
+    def answered(self) -> bool:
+        return self._ack is not None
+
     def answer(self, ack: Ack) -> None:
         """Give the answer; wakes the waiting producer, if it still waits."""
         task, self._task, self._ack = self._task, None, ack
@@ -117,14 +121,18 @@ async def journal(intake: JournalIntake, event: Event) -> Ack:
     The caller bounds the wait (`trio.move_on_after`); a closed journal answers
     `JournalUnavailable` rather than raising, so every producer handles one outcome type.
     """
-    submission = Submission(event, Reply())
+    return await submit(intake, event, Reply())
+
+
+async def submit(intake: JournalIntake, event: Event, reply: Reply) -> Ack:
+    """`journal` with the caller's own `reply` (see `deadlines.AckDeadlines`)."""
     try:
-        intake.send_nowait(submission)  # the usual case: the wait below is the checkpoint
+        intake.send_nowait(Submission(event, reply))  # usually room: the wait is the checkpoint
     except trio.WouldBlock:
-        await intake.send(submission)  # a full intake pushes back on the producer
+        await intake.send(Submission(event, reply))  # a full intake pushes back on producers
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         return JournalUnavailable("journal is closed")
-    return await submission.reply.wait()
+    return await reply.wait()
 
 
 async def journal_within(intake: JournalIntake, event: Event, seconds: float, *,

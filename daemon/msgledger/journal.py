@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import trio
 
+from .deadlines import AckDeadlines
 from .events import Ack, JournalInbox, JournalUnavailable, Submission
 from .logs import get_logger
 from .metrics import Metrics
@@ -26,14 +27,22 @@ log = get_logger("msgledger.journal")
 
 
 async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Metrics,
+                      deadlines: AckDeadlines,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Commit everything the inbox delivers, in batches, until the inbox is closed."""
+    """Commit everything the inbox delivers, in batches, until the inbox is closed.
+
+    Runs `deadlines` beside the loop, so a producer waiting through it hears within its
+    ack timeout even while a commit is stuck on the disk.
+    """
     limiter = trio.CapacityLimiter(1)  # SQLite has one owner: one thread at a time
     with inbox:
-        task_status.started()
-        async for first in inbox:
-            batch = _take_waiting(inbox, first)
-            await _commit(batch, writer, limiter, metrics)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadlines.run)
+            task_status.started()
+            async for first in inbox:
+                batch = _take_waiting(inbox, first)
+                await _commit(batch, writer, limiter, metrics)
+            nursery.cancel_scope.cancel()  # every submission is answered: nobody waits
     log.info("journal_closed", last_seq=writer.last_seq)
 
 

@@ -20,6 +20,7 @@ import trio
 from hypercorn.config import Config
 
 from . import systemd
+from .deadlines import AckDeadlines
 from .events import JournalIntake, Submission
 from .http.api import ApiDeps, create_app
 from .http.server import Front, hypercorn_config, serve_http
@@ -69,10 +70,12 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
                         task_status: trio.TaskStatus[Running]) -> None:
     state, metrics = ServerState(public_url=settings.public_url), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
+    deadlines = AckDeadlines(settings.ack_timeout)
     async with trio.open_nursery() as services:
-        await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics))
+        await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
+                                     deadlines=deadlines))
         with intake:
-            front = _front(settings, state, metrics, intake.clone())
+            front = _front(settings, state, metrics, deadlines, intake.clone())
         config = hypercorn_config(settings.listen_host, settings.listen_port,
                                   settings.graceful_timeout)
         binds = await services.start(_serve_front, front, config,
@@ -87,7 +90,7 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
         task_status.started(Running(binds[0], state.public_url))
 
 
-def _front(settings: Settings, state: ServerState, metrics: Metrics,
+def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: AckDeadlines,
            intake: JournalIntake) -> Front:
     """The HTTP front and everything it feeds; all of it shares one intake clone."""
     receiver = None
@@ -95,8 +98,7 @@ def _front(settings: Settings, state: ServerState, metrics: Metrics,
         assert settings.auth_token, "settings refuse webhooks without an auth token"
         receiver = WebhookReceiver(
             intake, SignatureChecker(settings.auth_token), state=state,
-            max_body=settings.max_body_bytes, ack_timeout=settings.ack_timeout,
-            metrics=metrics)
+            max_body=settings.max_body_bytes, deadlines=deadlines, metrics=metrics)
     sender = Sender(intake, _twilio_api(settings), keep_body=settings.keep_body,
                     ack_timeout=settings.ack_timeout, public_url=lambda: str(state.public_url))
     app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,

@@ -20,7 +20,8 @@ from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import HTTPScope as Scope
 
-from ..events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
+from ..deadlines import AckDeadlines
+from ..events import Event, JournalIntake, JournalUnavailable, utc_now
 from ..logs import get_logger
 from ..metrics import Metrics
 from .signature import SignatureChecker
@@ -68,12 +69,12 @@ class WebhookReceiver:
     """ASGI app for the two webhook routes; everything it accepts is on disk."""
 
     def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, state: ServerState,
-                 max_body: int, ack_timeout: float, metrics: Metrics) -> None:
+                 max_body: int, deadlines: AckDeadlines, metrics: Metrics) -> None:
         self.intake = intake
         self.checker = checker
         self.state = state  # its public_url is known once the listener is bound
         self.max_body = max_body
-        self.ack_timeout = ack_timeout
+        self.deadlines = deadlines  # bounds each wait for the journal to http.ack_timeout
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -113,7 +114,7 @@ class WebhookReceiver:
             f"?{query.decode('latin-1')}" if query else "")
 
     async def _journal(self, event: Event) -> Outcome:
-        ack = await journal_within(self.intake, event, self.ack_timeout)
+        ack = await self.deadlines.journal(self.intake, event)
         if isinstance(ack, JournalUnavailable):
             return Outcome(503, str(ack), event)
         return Outcome(200, "journaled", event, ack)

@@ -1,0 +1,61 @@
+"""One timer for every webhook waiting on the journal, instead of a cancel scope each.
+
+STYLE.md has each producer await the journal inside `trio.move_on_after`. On the webhook
+route that scope (its cancel status, and a deadline pushed and popped on the run loop's
+heap) cost 30 to 50 µs of the event loop per callback in `bench/` measurements, about a
+fifth of the handler's own work. Every webhook waits the same `http.ack_timeout`, so
+their deadlines come due in the order they were set: a queue in arrival order and one
+task that wakes a few times a second bound all of them. A reply still unanswered at its
+deadline is answered `JournalUnavailable` (a 503); the journal's later answer is kept
+by the store all the same, as with a cancel scope.
+
+Producers whose waits must survive shutdown (the sender's `shield=True`) keep
+`journal_within`: they are few, and a shared timer cannot shield one of them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from .events import Ack, Event, JournalIntake, JournalUnavailable, Reply, submit
+
+CHECK_EVERY = 0.1  # seconds: a 503 comes at most this late; answered entries go this often
+
+
+class AckDeadlines:
+    """Bounds producers' waits for the journal to `seconds` each.
+
+    `run` must be running while anyone waits: the journal actor runs it beside its loop.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._waiting: deque[tuple[float, Reply]] = deque()
+
+    async def journal(self, intake: JournalIntake, event: Event) -> Ack:
+        """Hand `event` to the journal; its answer, or JournalUnavailable after `seconds`."""
+        reply = Reply()
+        self._waiting.append((trio.current_time() + self.seconds, reply))
+        return await submit(intake, event, reply)
+
+    async def run(self) -> None:
+        """Answer expired replies every `CHECK_EVERY` seconds, until cancelled."""
+        while True:
+            await trio.sleep(CHECK_EVERY)
+            self.expire(trio.current_time())
+
+    def expire(self, now: float) -> None:
+        """Answer every reply past its deadline; let go of the answered ones in front."""
+        waiting = self._waiting
+        while waiting:
+            deadline, reply = waiting[0]
+            if not reply.answered and deadline > now:
+                return
+            waiting.popleft()
+            if not reply.answered:
+                reply.answer(JournalUnavailable("journal not durable in time"))
+
+    def __len__(self) -> int:
+        return len(self._waiting)
