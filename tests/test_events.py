@@ -116,3 +116,48 @@ async def test_deadlines_keep_answers_and_stop_at_the_first_live_wait() -> None:
     assert await answered.wait() == 1
     assert isinstance(await due.wait(), JournalUnavailable)
     assert not live.answered
+
+
+async def test_the_first_answer_stands() -> None:
+    """A reply told 503 (deadline) is not turned into 200 by the journal's later answer."""
+    reply = Reply()
+    reply.answer(JournalUnavailable("journal not durable in time"))
+    reply.answer(5)
+    assert isinstance(await reply.wait(), JournalUnavailable)
+
+
+async def test_deadlines_bound_a_wait_for_room_in_a_full_intake(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A producer blocked on a full intake (a commit stuck on the disk) still hears 503
+    after its timeout, not when the journal comes back."""
+    deadlines = AckDeadlines(5.0)
+    intake, inbox = trio.open_memory_channel[Submission](1)
+    intake.send_nowait(Submission(EVENT, Reply()))  # the intake is full
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadlines.run)
+            started = trio.current_time()
+            ack = await deadlines.journal(intake, EVENT)
+            waited = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+    assert isinstance(ack, JournalUnavailable)
+    assert waited == 5.0
+    assert len(deadlines) == 1 and inbox.statistics().current_buffer_used == 1
+    deadlines.expire(trio.current_time())
+    assert len(deadlines) == 0  # answered by the producer itself: nothing left to watch
+
+
+async def test_journal_closing_under_a_blocked_producer_is_unavailable() -> None:
+    """A journal that goes away while a producer waits for room answers JournalUnavailable,
+    never an exception."""
+    intake, inbox = trio.open_memory_channel[Submission](0)
+    async with trio.open_nursery() as nursery:
+        got: list[object] = []
+
+        async def produce() -> None:
+            got.append(await journal(intake, EVENT))
+
+        nursery.start_soon(produce)
+        await trio.testing.wait_all_tasks_blocked()
+        inbox.close()
+    assert len(got) == 1 and isinstance(got[0], JournalUnavailable)

@@ -307,7 +307,7 @@ def test_ref_conflict_with_a_known_sid(writer: store.JournalWriter, path: str) -
 
 def test_merge_keeps_a_ref_conflict_apart(writer: store.JournalWriter, path: str) -> None:
     """A message kept apart for naming another send's ref, later merged into its own send,
-    neither takes that ref along (two records with one ref) nor loses its flag."""
+    neither takes that ref along (it is the other record's) nor loses its flag."""
     writer.append([accepted(SID_Y, "ref-1", at(1, 1))])
     writer.append([accepted(SID_X, "ref-1", at(1, 2))])  # ref-1 is SID_Y's: kept apart
     writer.append([requested("ref-2", at(1, 3))])
@@ -457,3 +457,23 @@ def test_any_batching_gives_the_replayed_projection(tmp_path_factory: pytest.Tem
     result = store.verify(path)
     assert result.ok, result
     assert result.events == sum(len(b) for b in batches)
+
+
+def test_a_taken_message_id_fails_loudly(writer: store.JournalWriter, path: str) -> None:
+    """If the id counter is behind the table (a hand repair, a restore), a new message
+    fails its batch rather than overwriting another message's row."""
+    writer.append([callback(SID_X, "sent", at(1, 1))])
+    writer.append([callback(SID_Y, "sent", at(1, 2))])
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'messages'")
+    conn.close()
+    behind = store.JournalWriter.open(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            behind.append([callback("SM" + "3" * 32, "sent", at(1, 3))])
+    finally:
+        behind.close()
+    conn = store.connect(path, readonly=True)
+    y = store.find_record(conn, SID_Y)
+    conn.close()
+    assert y is not None and y["status"] == "sent"

@@ -32,18 +32,19 @@ class AckDeadlines:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self._tick = min(CHECK_EVERY, seconds / 4)  # a short timeout is checked more often
         self._waiting: deque[tuple[float, Reply]] = deque()
 
     async def journal(self, intake: JournalIntake, event: Event) -> Ack:
         """Hand `event` to the journal; its answer, or JournalUnavailable after `seconds`."""
-        reply = Reply()
-        self._waiting.append((trio.current_time() + self.seconds, reply))
-        return await submit(intake, event, reply)
+        reply, deadline = Reply(), trio.current_time() + self.seconds
+        self._waiting.append((deadline, reply))
+        return await submit(intake, event, reply, handed_by=deadline)
 
     async def run(self) -> None:
         """Answer expired replies every `CHECK_EVERY` seconds, until cancelled."""
         while True:
-            await trio.sleep(CHECK_EVERY)
+            await trio.sleep(self._tick)
             self.expire(trio.current_time())
 
     def expire(self, now: float) -> None:

@@ -10,6 +10,7 @@ channel, so each consumer binds its log context from the event itself.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -83,7 +84,10 @@ class Reply:
         return self._ack is not None
 
     def answer(self, ack: Ack) -> None:
-        """Give the answer; wakes the waiting producer, if it still waits."""
+        """Give the answer; wakes the waiting producer, if it still waits. The first answer
+        stands: once a producer is told 503 it must not later report 200."""
+        if self._ack is not None:
+            return
         task, self._task, self._ack = self._task, None, ack
         if task is not None:
             trio.lowlevel.reschedule(task, outcome.Value(ack))
@@ -124,15 +128,36 @@ async def journal(intake: JournalIntake, event: Event) -> Ack:
     return await submit(intake, event, Reply())
 
 
-async def submit(intake: JournalIntake, event: Event, reply: Reply) -> Ack:
-    """`journal` with the caller's own `reply` (see `deadlines.AckDeadlines`)."""
+async def submit(intake: JournalIntake, event: Event, reply: Reply,
+                 handed_by: float = math.inf) -> Ack:
+    """`journal` with the caller's own `reply` (see `deadlines.AckDeadlines`).
+
+    A full intake pushes back on the producer until the Trio time `handed_by`; a producer
+    that could not hand its event over by then, or found the journal closed, gets its
+    answer (JournalUnavailable) on the reply too, so nothing else waits for it.
+    """
+    submission = Submission(event, reply)
     try:
-        intake.send_nowait(Submission(event, reply))  # usually room: the wait is the checkpoint
+        intake.send_nowait(submission)  # the usual case: the wait below is the checkpoint
     except trio.WouldBlock:
-        await intake.send(Submission(event, reply))  # a full intake pushes back on producers
+        refused = await _send_by(intake, submission, handed_by)
+        if refused is not None:
+            reply.answer(refused)
     except (trio.ClosedResourceError, trio.BrokenResourceError):
-        return JournalUnavailable("journal is closed")
+        reply.answer(JournalUnavailable("journal is closed"))
     return await reply.wait()
+
+
+async def _send_by(intake: JournalIntake, submission: Submission,
+                   deadline: float) -> JournalUnavailable | None:
+    """Send, waiting for room until `deadline`; None once sent, else why not."""
+    with trio.move_on_at(deadline):
+        try:
+            await intake.send(submission)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return JournalUnavailable("journal is closed")
+        return None
+    return JournalUnavailable("journal not durable in time")
 
 
 async def journal_within(intake: JournalIntake, event: Event, seconds: float, *,

@@ -9,7 +9,6 @@ Repeated form fields are passed as a multi-dict so every value is signed.
 
 from __future__ import annotations
 
-import functools
 import hmac
 from collections.abc import Sequence
 from urllib.parse import urlparse
@@ -40,13 +39,6 @@ class _FormPairs:
         return self._values[name]
 
 
-@functools.lru_cache(maxsize=256)  # callbacks without a `ref` all share one URL
-def _port_forms(url: str) -> tuple[str, str]:
-    """`url` without its port, then with it: the two forms Twilio has signed."""
-    parsed = urlparse(url)
-    return remove_port(parsed), add_port(parsed)
-
-
 class SignatureChecker:
     def __init__(self, auth_token: str) -> None:
         if not auth_token:  # an empty HMAC key would make every forged signature "valid"
@@ -58,7 +50,8 @@ class SignatureChecker:
         """True when `signature` is Twilio's signature of `url` plus the form `pairs`."""
         algorithm = get_signature_algorithm(settings_header)
         params = _FormPairs(pairs)
-        for candidate in _port_forms(url):
+        parsed = urlparse(url)
+        for candidate in (remove_port(parsed), add_port(parsed)):
             try:
                 expected = self._validator.compute_signature(candidate, params, algorithm)
             except ValueError:  # an algorithm this twilio library does not know

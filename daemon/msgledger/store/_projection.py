@@ -45,6 +45,7 @@ _TIE_ORDER: dict[str, int] = {
 _CALLBACK_FIELDS = {"To": "to", "From": "from", "MessagingServiceSid": "messaging_service_sid",
                     "ErrorCode": "error_code"}
 _FIELDS = ("to", "from", "messaging_service_sid", "body", "body_sha256")
+_NO_FLAGS: frozenset[str] = frozenset()
 
 
 def rank(status: str) -> int:
@@ -143,6 +144,3 @@ def _flags_from(event: Event) -> frozenset[str]:
     if not flags or not isinstance(flags, list | tuple):
         return _NO_FLAGS
     return frozenset(str(f) for f in flags)
-
-
-_NO_FLAGS: frozenset[str] = frozenset()
