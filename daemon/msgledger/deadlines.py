@@ -43,7 +43,8 @@ class AckDeadlines:
         return await submit(intake, event, reply, handed_by=deadline)
 
     async def run(self) -> None:
-        """Answer expired replies every `CHECK_EVERY` seconds, until cancelled."""
+        """Answer expired replies every tick (`CHECK_EVERY`, or a quarter of a shorter
+        timeout), until cancelled."""
         while True:
             await trio.sleep(self._tick)
             self.expire(trio.current_time())
