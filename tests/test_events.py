@@ -7,6 +7,7 @@ import trio.testing
 
 from msgledger.deadlines import CHECK_EVERY, AckDeadlines
 from msgledger.events import (
+    Ack,
     Event,
     JournalUnavailable,
     Reply,
@@ -87,18 +88,25 @@ async def test_full_intake_pushes_back_and_closed_intake_is_unavailable(
     assert isinstance(await journal(intake, EVENT), JournalUnavailable)
 
 
+async def _journal_through(deadlines: AckDeadlines,
+                           intake: trio.MemorySendChannel[Submission]) -> tuple[Ack, float]:
+    """Journal EVENT through `deadlines` (its timer running): the answer and the wait."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadlines.run)
+            started = trio.current_time()
+            ack = await deadlines.journal(intake, EVENT)
+            nursery.cancel_scope.cancel()
+    return ack, trio.current_time() - started
+
+
 async def test_deadlines_answer_an_unanswered_wait_in_time(
         autojump_clock: trio.abc.Clock) -> None:
     """A webhook's wait through `AckDeadlines` ends with JournalUnavailable after its
     timeout (at most one check interval late), and the event was handed over."""
     deadlines = AckDeadlines(5.0)
     intake, inbox = trio.open_memory_channel[Submission](1)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(deadlines.run)
-        started = trio.current_time()
-        ack = await deadlines.journal(intake, EVENT)
-        waited = trio.current_time() - started
-        nursery.cancel_scope.cancel()
+    ack, waited = await _journal_through(deadlines, intake)
     assert isinstance(ack, JournalUnavailable)
     assert 5.0 <= waited <= 5.0 + CHECK_EVERY
     assert inbox.receive_nowait().event is EVENT
@@ -133,13 +141,7 @@ async def test_deadlines_bound_a_wait_for_room_in_a_full_intake(
     deadlines = AckDeadlines(5.0)
     intake, inbox = trio.open_memory_channel[Submission](1)
     intake.send_nowait(Submission(EVENT, Reply()))  # the intake is full
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(deadlines.run)
-            started = trio.current_time()
-            ack = await deadlines.journal(intake, EVENT)
-            waited = trio.current_time() - started
-            nursery.cancel_scope.cancel()
+    ack, waited = await _journal_through(deadlines, intake)
     assert isinstance(ack, JournalUnavailable)
     assert waited == 5.0
     assert len(deadlines) == 1 and inbox.statistics().current_buffer_used == 1
