@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from urllib.parse import urlencode
 import trio
 from twilio.request_validator import RequestValidator
 
+from ingest import AUTH_TOKEN, PUBLIC_URL
+from loadgen import CALLBACK_PATH, callback_params
 from msgledger import logs
 from msgledger.deadlines import AckDeadlines
 from msgledger.events import Submission
@@ -40,35 +43,31 @@ from msgledger.journal import run_journal
 from msgledger.metrics import Metrics
 from msgledger.store import JournalWriter
 
-PUBLIC_URL = "https://ledger.example.com"
-AUTH_TOKEN = "0123456789abcdef0123456789abcdef"  # a made-up token, Twilio's format
 PRODUCERS = 64  # as ingest.py's keep-alive connections
 Request = tuple[dict[str, Any], bytes]
 
 
-def build(count: int) -> list[Request]:
-    """Unique signed status callbacks, each with its own `ref`, as msgledger's sends get."""
+def build(count: int, seed: int = 1) -> list[Request]:
+    """Unique signed status callbacks with a `ref` each, the same mix `ingest.py` sends."""
+    rng = random.Random(seed)
     validator = RequestValidator(AUTH_TOKEN)
-    return [_request(validator, n) for n in range(count)]
+    account, service = "AC" + "1" * 32, "MG" + "2" * 32
+    return [_request(validator, callback_params(rng, account, service), f"bench-{n}")
+            for n in range(count)]
 
 
-def _request(validator: RequestValidator, n: int) -> Request:
-    sid = f"SM{n:032x}"
-    params = {"AccountSid": "AC" + "1" * 32, "ApiVersion": "2010-04-01",
-              "From": "+15005550006", "MessageSid": sid, "MessageStatus": "delivered",
-              "SmsSid": sid, "SmsStatus": "delivered", "To": "+15551234567",
-              "MessagingServiceSid": "MG" + "2" * 32, "RawDlrDoneDate": "2611261200"}
-    query = f"ref=bench-{n}"
-    signature = validator.compute_signature(f"{PUBLIC_URL}/twilio/status?{query}", params)
+def _request(validator: RequestValidator, params: dict[str, str], ref: str) -> Request:
+    query = f"ref={ref}"
+    signature = validator.compute_signature(f"{PUBLIC_URL}{CALLBACK_PATH}?{query}", params)
     body = urlencode(params).encode()
     headers = [(b"host", b"ledger.example.com"),
                (b"content-type", b"application/x-www-form-urlencoded"),
                (b"content-length", str(len(body)).encode()),
                (b"x-twilio-signature", signature.encode()),
-               (b"i-twilio-idempotency-token", f"idem-{n}".encode()),
+               (b"i-twilio-idempotency-token", f"idem-{ref}".encode()),
                (b"user-agent", b"TwilioProxy/1.1")]
-    scope = {"type": "http", "method": "POST", "path": "/twilio/status",
-             "raw_path": b"/twilio/status", "query_string": query.encode(),
+    scope = {"type": "http", "method": "POST", "path": CALLBACK_PATH,
+             "raw_path": CALLBACK_PATH.encode(), "query_string": query.encode(),
              "headers": headers}
     return scope, body
 

@@ -3,8 +3,7 @@
 STYLE.md has each producer await the journal inside `trio.move_on_after`. On the webhook
 route that scope (its cancel status, and a deadline pushed and popped on the run loop's
 heap) was most of what a handoff costs: 30 µs of event loop CPU with it, 13 with this
-queue (`bench/handoff.py`), and 30-50 µs a callback inside the handler when measured by
-swapping one for the other. Every webhook waits the same `http.ack_timeout`, so
+queue (`bench/handoff.py`). Every webhook waits the same `http.ack_timeout`, so
 their deadlines come due in the order they were set: a queue in arrival order and one
 task that wakes a few times a second bound all of them. A reply still unanswered at its
 deadline is answered `JournalUnavailable` (a 503); the journal's later answer is kept

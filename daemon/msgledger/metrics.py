@@ -26,15 +26,6 @@ class Metrics:
         self.batch_size = Histogram(
             "msgledger_journal_batch_size", "Events per journal commit",
             buckets=_BATCH_BUCKETS, registry=self.registry)
-        self._callback_children: dict[tuple[str, int], Counter] = {}
-
-    def count_callback(self, route: str, http_status: int) -> None:
-        """One webhook request answered; the labelled child is looked up once per pair."""
-        child = self._callback_children.get((route, http_status))
-        if child is None:
-            child = self.callbacks.labels(route, str(http_status))
-            self._callback_children[(route, http_status)] = child
-        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -120,7 +120,7 @@ class WebhookReceiver:
         return Outcome(200, "journaled", event, ack)
 
     def _account(self, route: Route, outcome: Outcome, seconds: float) -> None:
-        self.metrics.count_callback(route.name, outcome.http_status)
+        self.metrics.callbacks.labels(route.name, str(outcome.http_status)).inc()
         event = outcome.event
         fields = {"route": route.name, "http_status": outcome.http_status,
                   "ms": round(seconds * 1000, 3)}
