@@ -26,7 +26,13 @@ VENV_BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 60.0  # msgledger may create its schema first
 STOP_TIMEOUT_S = 60.0  # a graceful drain commits what is in flight
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-TARGETS = ("msgledger", "naive", "empty")
+TARGETS = ("msgledger", "msgledger-w2", "msgledger-w3", "naive", "empty", "empty-w2")
+
+
+def kind_of(name: str) -> tuple[str, int]:
+    """`msgledger-w2` -> ("msgledger", 2): the server and how many processes serve HTTP."""
+    kind, _, workers = name.partition("-w")
+    return kind, int(workers or 1)
 
 
 @dataclass
@@ -62,21 +68,25 @@ def _base_env(preload: Path | None, delay_us: int) -> dict[str, str]:
 
 def _command(name: str, port: int) -> list[str]:
     bind = f"127.0.0.1:{port}"
-    if name == "msgledger":
+    kind, workers = kind_of(name)
+    if kind == "msgledger":
         return [str(VENV_BIN / "msgledger"), "run"]
-    if name == "naive":
+    if kind == "naive":
         return [str(VENV_BIN / "gunicorn"), "-w", "2", "-b", bind, "--pythonpath",
                 str(BENCH_DIR), "naive_receiver:app"]
-    if name == "empty":
-        return [str(VENV_BIN / "hypercorn"), "-k", "trio", "-b", bind, "empty_app:app"]
+    if kind == "empty":
+        return [str(VENV_BIN / "hypercorn"), "-k", "trio", "-w", str(workers), "-b", bind,
+                "empty_app:app"]
     raise ValueError(name)
 
 
 def _target_env(name: str, port: int, workdir: Path, public_url: str,
                 token: str) -> tuple[dict[str, str], Path | None, str | None]:
-    if name == "msgledger":
-        db = workdir / "msgledger.db"
+    kind, workers = kind_of(name)
+    if kind == "msgledger":
+        db = workdir / f"{name}.db"
         env = {
+            "MSGLEDGER_HTTP_WORKERS": str(workers),
             "MSGLEDGER_HTTP_LISTEN": f"127.0.0.1:{port}",
             "MSGLEDGER_HTTP_PUBLIC_URL": public_url,
             "MSGLEDGER_STORE_PATH": str(db),
@@ -118,7 +128,7 @@ def _get(port: int, path: str) -> int:
 
 def metrics(target: Target) -> dict[str, float]:
     """msgledger's Prometheus counters and histogram sums ({} for the baselines)."""
-    if target.name != "msgledger":
+    if kind_of(target.name)[0] != "msgledger":
         return {}
     conn = http.client.HTTPConnection("127.0.0.1", target.port, timeout=5)
     try:

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(command=cmd_verify)
     status = commands.add_parser("status", help="counts by status and journal size")
     status.set_defaults(command=cmd_status)
+    # Internal: a front process, started by `run` when http.workers > 1 (not for people).
+    front = commands.add_parser("front")
+    for name in ("--worker", "--link-fd", "--listen-fd", "--parent"):
+        front.add_argument(name, type=int, required=True)
+    front.set_defaults(command=cmd_front)
     for command in (run, export, verify, status):  # `sim` reads no configuration
         command.add_argument("--config", "-c", help="TOML configuration file")
     return parser
@@ -107,6 +112,13 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in error.exceptions)
     return str(error)
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from .workers import front
+
+    front.die_with_parent(args.parent)
+    return trio.run(front.run_front, args.link_fd, args.listen_fd, args.worker)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:

@@ -11,19 +11,17 @@ cancels everything at once.
 from __future__ import annotations
 
 import gc
-import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
 import trio
-from hypercorn.config import Config
 
 from . import systemd
 from .deadlines import AckDeadlines
+from .drain import drain_when, watch_signals
 from .events import JournalIntake, Submission
 from .http.api import ApiDeps, create_app
-from .http.server import Front, hypercorn_config, serve_http
+from .http.server import Front, address_bind, hypercorn_config, serve_http
 from .http.signature import SignatureChecker
 from .http.state import ServerState
 from .http.webhooks import WebhookReceiver
@@ -34,6 +32,7 @@ from .sender import Sender
 from .settings import Settings
 from .store import JournalWriter
 from .twilio_api import TwilioApi, TwilioConfig
+from .workers.supervisor import serve_by_fronts
 
 # Events waiting for the journal. A full batch's worth can queue while the previous one
 # commits; beyond that producers wait, which is the backpressure that keeps memory flat.
@@ -58,7 +57,7 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
-                root.start_soon(_watch_signals, stop, root.cancel_scope)
+                root.start_soon(watch_signals, stop, root.cancel_scope)
             await _run_services(settings, stop, writer, task_status)
             root.cancel_scope.cancel()  # everything drained: end the signal watcher
     finally:
@@ -76,18 +75,17 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
                                      deadlines=deadlines))
         with intake:
             front = _front(settings, state, metrics, deadlines, intake.clone())
-        config = hypercorn_config(settings.listen_host, settings.listen_port,
-                                  settings.graceful_timeout)
-        binds = await services.start(_serve_front, front, config,
-                                     partial(_drain_when, stop, state))
-        state.public_url = state.public_url or binds[0]
+            serve = (_serve_front if settings.workers == 1
+                     else partial(serve_by_fronts, intake.clone()))
+        url = await services.start(serve, front, settings, state, metrics, stop)
+        state.public_url = state.public_url or url
         # Everything built so far lives as long as the process: keep the cyclic GC's full
         # collections from rescanning it, which would stall the loop for tens of ms.
         gc.freeze()
         state.ready = True
         systemd.notify("READY=1")
-        log.info("daemon_ready", url=binds[0], public_url=state.public_url)
-        task_status.started(Running(binds[0], state.public_url))
+        log.info("daemon_ready", url=url, public_url=state.public_url, workers=settings.workers)
+        task_status.started(Running(url, state.public_url))
 
 
 def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: AckDeadlines,
@@ -116,26 +114,15 @@ def _twilio_api(settings: Settings) -> TwilioApi | None:
         backoff=settings.twilio_retry_backoff))
 
 
-async def _serve_front(front: Front, config: Config, shutdown: Callable[[], Awaitable[None]], *,
-                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve HTTP; once the last request has finished, close the front's journal intake."""
+async def _serve_front(front: Front, settings: Settings, state: ServerState, _: Metrics,
+                       stop: trio.Event, *,
+                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HTTP from this process; once the last request has finished, close the front's
+    journal intake."""
+    config = hypercorn_config(address_bind(settings.listen_host, settings.listen_port),
+                              settings.graceful_timeout)
     with front.intake:
-        await serve_http(front, config, shutdown, task_status=task_status)
-
-
-async def _drain_when(stop: trio.Event, state: ServerState) -> None:
-    await stop.wait()
-    state.draining = True
-    systemd.notify("STOPPING=1")
-    log.info("drain_started")
-
-
-async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                log.warning("drain_abandoned", signal=signal.Signals(signum).name)
-                everything.cancel()
-                return
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            stop.set()
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve_http, front, config,
+                                        partial(drain_when, stop, state))
+            task_status.started(binds[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
@@ -26,6 +28,19 @@ class Metrics:
         self.batch_size = Histogram(
             "msgledger_journal_batch_size", "Events per journal commit",
             buckets=_BATCH_BUCKETS, registry=self.registry)
+
+    def callback_totals(self) -> list[list[Any]]:
+        """`[route, outcome, total]` for each webhook counter: what a front reports."""
+        return [[sample.labels["route"], sample.labels["outcome"], sample.value]
+                for metric in self.callbacks.collect() for sample in metric.samples
+                if sample.name.endswith("_total")]
+
+    def add_callbacks(self, totals: list[list[Any]], before: dict[tuple[str, str], float]) -> None:
+        """Count what a front's `totals` add to what it reported `before` (kept up to date)."""
+        for route, outcome, total in totals:
+            key = (route, outcome)
+            self.callbacks.labels(route, outcome).inc(max(0.0, total - before.get(key, 0.0)))
+            before[key] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

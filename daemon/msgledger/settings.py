@@ -36,6 +36,7 @@ class Settings:
     ack_timeout: float  # seconds
     graceful_timeout: float  # seconds
     webhooks: bool
+    workers: int  # processes serving HTTP: the main one plus workers - 1 fronts
     store_path: str
     keep_body: str  # "full" | "hash" | "none"
     account_sid: str | None
@@ -145,6 +146,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "ack_timeout": (parse_positive_duration, "5s"),  # under Twilio's 15 s read timeout
         "graceful_timeout": (parse_duration, "10s"),
         "webhooks": (parse_bool, True),
+        "workers": (parse_positive_int, 1),  # processes serving HTTP; the journal stays in one
     },
     "store": {
         "path": (_text, "msgledger.db"),
@@ -267,6 +269,7 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         ack_timeout=p["http.ack_timeout"],
         graceful_timeout=p["http.graceful_timeout"],
         webhooks=p["http.webhooks"],
+        workers=p["http.workers"],
         store_path=p["store.path"],
         keep_body=p["store.keep_body"],
         account_sid=sid,

@@ -71,7 +71,8 @@ def create_app(deps: ApiDeps) -> QuartTrio:
 
     @app.get("/healthz")
     async def healthz() -> Reply:
-        return jsonify(status=deps.state.describe()), 200 if deps.state.serving else 503
+        # worker 0 is the main process; fronts (http.workers > 1) answer for themselves
+        return jsonify(status=deps.state.describe(), worker=0), 200 if deps.state.serving else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:

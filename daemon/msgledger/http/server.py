@@ -40,9 +40,18 @@ class Front:
             await self._app(scope, receive, send)
 
 
-def hypercorn_config(host: str, port: int, graceful_timeout: float) -> Config:
+def address_bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def fd_bind(fd: int) -> str:
+    """A listener made by someone else (the main process, for its fronts)."""
+    return f"fd://{fd}"
+
+
+def hypercorn_config(bind: str, graceful_timeout: float) -> Config:
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [bind]
     config.graceful_timeout = graceful_timeout
     config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
@@ -51,7 +60,8 @@ def hypercorn_config(host: str, port: int, graceful_timeout: float) -> Config:
     return config
 
 
-async def serve_http(front: Front, config: Config, shutdown: Callable[[], Awaitable[Any]], *,
+async def serve_http(app: ASGIFramework, config: Config,
+                     shutdown: Callable[[], Awaitable[Any]], *,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until `shutdown` returns, then finish in-flight requests (graceful_timeout)."""
-    await serve(front, config, shutdown_trigger=shutdown, task_status=task_status)
+    await serve(app, config, shutdown_trigger=shutdown, task_status=task_status)

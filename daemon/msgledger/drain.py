@@ -1,0 +1,32 @@
+"""Draining on signals, as every msgledger process does it: the first SIGTERM/SIGINT sets
+`stop` (stop accepting, finish what is in flight), the second cancels everything."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+
+from . import systemd
+from .http.state import ServerState
+from .logs import get_logger
+
+log = get_logger("msgledger.drain")
+
+
+async def drain_when(stop: trio.Event, state: ServerState) -> None:
+    await stop.wait()
+    state.draining = True
+    systemd.notify("STOPPING=1")
+    log.info("drain_started")
+
+
+async def watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("drain_abandoned", signal=signal.Signals(signum).name)
+                everything.cancel()
+                return
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop.set()

@@ -1,0 +1,316 @@
+"""A front process: serves HTTP on the listener it inherits, checks webhooks itself, and
+sends everything else to the main process over its link.
+
+- `/twilio/*`: the same `WebhookReceiver` as the main process, fed by a local intake whose
+  consumer (`Forwarder`) sends each batch of checked events down the link. The reply is
+  answered by the main process's ack, so a 200 still means "committed by the journal".
+- `/healthz`: answered here, for this process (a load balancer probes each one).
+- everything else (`/v1`, `/metrics`): relayed whole to the main process's Quart app.
+
+Ends on SIGTERM/SIGINT by draining like the main process (stop accepting, finish in-flight
+requests, hand over the last events), or at once when the link closes: the main process
+is gone, and nothing here can become durable without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import itertools
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, cast
+
+import structlog
+import trio
+from hypercorn.config import Config
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+from .. import logs
+from ..deadlines import AckDeadlines
+from ..drain import drain_when, watch_signals
+from ..events import JournalInbox, JournalIntake, JournalUnavailable, Reply, Submission
+from ..http.server import fd_bind, hypercorn_config, serve_http
+from ..http.signature import SignatureChecker
+from ..http.state import ServerState
+from ..http.webhooks import ROUTES, WebhookReceiver
+from ..metrics import Metrics
+from ..settings import Settings
+from .link import (
+    Frame,
+    Link,
+    LinkBroken,
+    ack_from_wire,
+    event_to_wire,
+    scope_to_wire,
+    to_bytes,
+    to_text,
+)
+
+INTAKE_BUFFER = 1024  # as the main process's: a batch's worth queues while one is in flight
+MAX_BATCH = 1024  # events per frame, as the journal's batches
+RELAY_MAX_BODY = 1024 * 1024  # bytes; /v1 bodies are a few KiB, anything near this is abuse
+TALLY_EVERY = 1.0  # seconds between webhook counter reports: /metrics lags by at most this
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+log = logs.get_logger("msgledger.front")
+
+
+class Forwarder:
+    """The front's journal: sends submissions down the link, answers them from its acks."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._ids = itertools.count()
+        self._pending: dict[int, Reply] = {}
+
+    async def run(self, inbox: JournalInbox) -> None:
+        """Forward every batch the inbox delivers, until it closes."""
+        with inbox:
+            async for first in inbox:
+                batch = [first, *_take_waiting(inbox, MAX_BATCH - 1)]
+                wire = []
+                for submission in batch:
+                    ident = next(self._ids)
+                    self._pending[ident] = submission.reply
+                    wire.append(event_to_wire(ident, submission.event))
+                await self._link.send(["events", wire])
+
+    def answer(self, acks: list[list[Any]]) -> None:
+        for item in acks:
+            ident, ack = ack_from_wire(item)
+            reply = self._pending.pop(ident, None)
+            if reply is not None:
+                reply.answer(ack)
+
+    def fail_all(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        for reply in pending.values():
+            reply.answer(JournalUnavailable(why))
+
+
+def _take_waiting(inbox: JournalInbox, most: int) -> list[Submission]:
+    taken: list[Submission] = []
+    while len(taken) < most:
+        try:
+            taken.append(inbox.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return taken
+
+
+class Relay:
+    """ASGI app that has the main process answer a request: the whole request goes down the
+    link, the whole answer comes back."""
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._ids = itertools.count()
+        self._waiting: dict[int, tuple[trio.Event, list[Frame]]] = {}
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        body = await _read_body(receive, RELAY_MAX_BODY)
+        if body is None:
+            await _respond(send, 413, b'{"error": "body too large"}')
+            return
+        answer = await self._ask(cast(HTTPScope, scope), body)
+        if answer is None:
+            await _respond(send, 503, b'{"error": "main process unavailable"}')
+            return
+        _, _, status, headers, text = answer
+        await send(cast(Any, {"type": "http.response.start", "status": status,
+                              "headers": [(to_bytes(k), to_bytes(v)) for k, v in headers]}))
+        await send(cast(Any, {"type": "http.response.body", "body": to_bytes(text)}))
+
+    async def _ask(self, scope: HTTPScope, body: bytes) -> Frame | None:
+        ident, done, answer = next(self._ids), trio.Event(), list[Frame]()
+        self._waiting[ident] = (done, answer)
+        try:
+            await self._link.send(["request", ident, scope_to_wire(scope), to_text(body)])
+            await done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        finally:
+            self._waiting.pop(ident, None)
+        return answer[0] if answer else None
+
+    def answer(self, frame: Frame) -> None:
+        waiting = self._waiting.get(frame[1])
+        if waiting is not None:
+            waiting[1].append(frame)
+            waiting[0].set()
+
+    def fail_all(self) -> None:
+        for done, _ in self._waiting.values():
+            done.set()  # no answer: the caller gets a 503
+
+
+async def _read_body(receive: ASGIReceiveCallable, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message: Any = await receive()
+        if message["type"] != "http.request":
+            return b""
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(send: ASGISendCallable, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    await send(cast(Any, {"type": "http.response.start", "status": status, "headers": headers}))
+    await send(cast(Any, {"type": "http.response.body", "body": body}))
+
+
+class FrontApp:
+    """Routes a front's requests: webhooks here, /healthz here, the rest to the main process."""
+
+    def __init__(self, webhooks: WebhookReceiver | None, relay: Relay, state: ServerState,
+                 worker: int) -> None:
+        self._webhooks = webhooks
+        self._relay = relay
+        self._state = state
+        self._health = {s: f'{{"status":"{s}","worker":{worker}}}'.encode()
+                        for s in ("starting", "ready", "draining")}
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] != "http":
+            return  # websockets: nothing here speaks them
+        elif self._webhooks is not None and scope["path"] in ROUTES:
+            await self._webhooks(scope, receive, send)
+        elif scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            state = self._state
+            await _respond(send, 200 if state.serving else 503, self._health[state.describe()])
+        else:
+            await self._relay(scope, receive, send)
+
+
+async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    while True:
+        message: Any = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# ------------------------------------------------------------------------ the process
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when the main process dies (Linux), so an orphan
+    never keeps accepting on the listener; if it has died already, go now."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the link's end still ends us
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
+    """Serve as front number `worker` until a signal drains it (0) or the link to the main
+    process breaks (1: the main process is gone, so nothing here can become durable)."""
+    link = Link(socket.socket(fileno=link_fd))
+    frames = link.frames()
+    settings, public_url = _settings_from(await anext(frames))
+    logs.configure(settings.log_level)
+    structlog.contextvars.bind_contextvars(worker=worker)
+    state = ServerState(public_url=public_url)
+    forwarder, relay, metrics = Forwarder(link), Relay(link), Metrics()
+    deadlines = AckDeadlines(settings.ack_timeout)
+    intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
+    app = FrontApp(_receiver(settings, intake, state, deadlines, metrics), relay, state, worker)
+    config = hypercorn_config(fd_bind(listen_fd), settings.graceful_timeout)
+    stop, lost = trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, stop, nursery.cancel_scope)
+        nursery.start_soon(_read_link, frames, forwarder, relay, stop, lost,
+                           nursery.cancel_scope)
+        nursery.start_soon(deadlines.run)
+        nursery.start_soon(_report_tallies, link, metrics)
+        async with trio.open_nursery() as serving:
+            serving.start_soon(forwarder.run, inbox)
+            await serving.start(_serve, app, config, intake, partial(drain_when, stop, state))
+            gc.freeze()  # as the main process: what lives for good is not rescanned
+            state.ready = True
+            await link.send(["ready"])
+            log.info("front_ready", pid=os.getpid())
+        await _send_tally(link, metrics)  # every request is answered: the counts are final
+        nursery.cancel_scope.cancel()
+    await link.close()
+    log.info("front_stopped")
+    return 1 if lost.is_set() else 0
+
+
+async def _serve(app: FrontApp, config: Config, intake: JournalIntake,
+                 shutdown: Callable[[], Awaitable[None]], *,
+                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HTTP; once the last request has finished, close the intake (ends the
+    forwarder once it has sent what it holds)."""
+    with intake:
+        await serve_http(app, config, shutdown, task_status=task_status)
+
+
+async def _read_link(frames: AsyncIterator[Frame], forwarder: Forwarder, relay: Relay,
+                     stop: trio.Event, lost: trio.Event, everything: trio.CancelScope) -> None:
+    """Dispatch the main process's answers and its drain request. The main process never
+    closes a link first, so its end means it is gone: fail whoever waits (503) and end."""
+    try:
+        async for frame in frames:
+            if frame[0] == "acks":
+                forwarder.answer(frame[1])
+            elif frame[0] == "response":
+                relay.answer(frame)
+            elif frame[0] == "drain":
+                stop.set()  # as a first signal: a signal may come too, and drains the same
+    except (LinkBroken, trio.BrokenResourceError) as error:
+        log.error("link_broken", error=str(error))
+    forwarder.fail_all("main process unavailable")
+    relay.fail_all()
+    log.error("main_process_lost")
+    lost.set()
+    everything.cancel()
+
+
+async def _report_tallies(link: Link, metrics: Metrics) -> None:
+    """Send this front's webhook counters to the main process, which serves /metrics."""
+    sent: list[list[Any]] = []
+    while True:
+        await trio.sleep(TALLY_EVERY)
+        totals = metrics.callback_totals()
+        if totals != sent:
+            await link.send(["tally", totals])
+            sent = totals
+
+
+async def _send_tally(link: Link, metrics: Metrics) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await link.send(["tally", metrics.callback_totals()])
+
+
+def _settings_from(frame: Frame) -> tuple[Settings, str]:
+    name, values, public_url = frame
+    if name != "settings":
+        raise RuntimeError(f"the main process sent {name!r} before the settings")
+    return Settings(**values), public_url
+
+
+def _receiver(settings: Settings, intake: trio.MemorySendChannel[Submission],
+              state: ServerState, deadlines: AckDeadlines,
+              metrics: Metrics) -> WebhookReceiver | None:
+    if not settings.webhooks or not settings.auth_token:
+        return None
+    return WebhookReceiver(intake, SignatureChecker(settings.auth_token), state=state,
+                           max_body=settings.max_body_bytes, deadlines=deadlines,
+                           metrics=metrics)

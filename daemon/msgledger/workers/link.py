@@ -1,0 +1,141 @@
+"""The link between the main process and one front: length-prefixed JSON frames over a
+socketpair.
+
+Each frame is a list whose first item names it:
+
+| frame | direction | carries |
+|---|---|---|
+| `["settings", {...}]` | main -> front, first | the `Settings` and the resolved public URL |
+| `["ready"]` | front -> main | the front's HTTP server listens |
+| `["events", [wire event, ...]]` | front -> main | checked webhook events, each with an id |
+| `["acks", [[id, seq, error], ...]]` | main -> front | per event: its sequence number or why not |
+| `["request", id, {scope}, body]` | front -> main | a non-webhook HTTP request, whole |
+| `["response", id, status, headers, body]` | main -> front | its answer, whole |
+| `["tally", [[route, outcome, total], ...]]` | front -> main | the front's webhook counters |
+| `["drain"]` | main -> front | drain as on SIGTERM |
+
+JSON, not pickle: what crosses is built from HTTP input, and a frame must never be able to
+run code. Bytes travel as latin-1 strings (a one-to-one map of bytes to code points).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import orjson
+import trio
+from hypercorn.typing import ConnectionState, HTTPScope
+
+from ..events import Ack, Event, JournalUnavailable
+
+Frame: TypeAlias = list[Any]
+_LENGTH = struct.Struct("!I")
+MAX_FRAME = 64 * 1024 * 1024  # bytes; a batch of 1,024 events of 64 KiB each fits
+_RECEIVE_SIZE = 256 * 1024  # bytes per read: a busy link delivers many frames at once
+
+
+class LinkBroken(Exception):
+    """The other end sent something that is not a frame: the link cannot be trusted."""
+
+
+class Link:
+    """One end of a front's link. `send` may be called from many tasks at once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._sending = trio.Lock()  # a frame's bytes must not interleave with another's
+
+    async def send(self, frame: Frame) -> None:
+        data = orjson.dumps(frame)
+        async with self._sending:
+            await self._stream.send_all(_LENGTH.pack(len(data)) + data)
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Every frame the other end sends, until it closes its end."""
+        buffer = bytearray()
+        while chunk := await self._stream.receive_some(_RECEIVE_SIZE):
+            buffer += chunk
+            for frame in _split(buffer):
+                yield frame
+        if buffer:
+            raise LinkBroken(f"closed in the middle of a frame ({len(buffer)} bytes left)")
+
+    async def close(self) -> None:
+        await self._stream.aclose()
+
+
+def _split(buffer: bytearray) -> list[Frame]:
+    """The whole frames at the front of `buffer`, removed from it."""
+    frames, start = [], 0
+    while len(buffer) - start >= _LENGTH.size:
+        (size,) = _LENGTH.unpack_from(buffer, start)
+        if size > MAX_FRAME:
+            raise LinkBroken(f"frame of {size} bytes, over {MAX_FRAME}")
+        end = start + _LENGTH.size + size
+        if len(buffer) < end:
+            break
+        frame = orjson.loads(memoryview(buffer)[start + _LENGTH.size:end])
+        if not isinstance(frame, list) or not frame or not isinstance(frame[0], str):
+            raise LinkBroken("a frame is a list that starts with its name")
+        frames.append(frame)
+        start = end
+    del buffer[:start]
+    return frames
+
+
+# ------------------------------------------------------------------- wire formats
+
+
+def event_to_wire(ident: int, event: Event) -> list[Any]:
+    return [ident, event.kind, event.source, event.at, event.sid, event.ref, event.status,
+            event.data]
+
+
+def event_from_wire(item: list[Any]) -> tuple[int, Event]:
+    ident, kind, source, at, sid, ref, status, data = item
+    return ident, Event(kind, source, at, sid=sid, ref=ref, status=status, data=data)
+
+
+def ack_to_wire(ident: int, ack: Ack) -> list[Any]:
+    if isinstance(ack, JournalUnavailable):
+        return [ident, None, str(ack)]
+    return [ident, ack, None]
+
+
+def ack_from_wire(item: list[Any]) -> tuple[int, Ack]:
+    ident, seq, error = item
+    return ident, JournalUnavailable(error) if seq is None else int(seq)
+
+
+def to_text(data: bytes) -> str:
+    return data.decode("latin-1")
+
+
+def to_bytes(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+def scope_to_wire(scope: HTTPScope) -> dict[str, Any]:
+    """What the main process needs of a relayed request's ASGI scope."""
+    return {"method": scope["method"], "path": scope["path"],
+            "raw_path": to_text(scope.get("raw_path") or scope["path"].encode()),
+            "query_string": to_text(scope["query_string"]), "scheme": scope["scheme"],
+            "http_version": scope["http_version"], "client": scope.get("client"),
+            "server": scope.get("server"),
+            "headers": [[to_text(k), to_text(v)] for k, v in scope["headers"]]}
+
+
+def scope_from_wire(wire: dict[str, Any]) -> HTTPScope:
+    client, server = wire["client"], wire["server"]
+    return {"type": "http", "state": ConnectionState({}),
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": wire["http_version"], "method": wire["method"],
+            "scheme": wire["scheme"], "path": wire["path"],
+            "raw_path": to_bytes(wire["raw_path"]),
+            "query_string": to_bytes(wire["query_string"]), "root_path": "",
+            "headers": [(to_bytes(k), to_bytes(v)) for k, v in wire["headers"]],
+            "client": tuple(client) if client else None,
+            "server": tuple(server) if server else None, "extensions": {}}

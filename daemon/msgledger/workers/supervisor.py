@@ -1,0 +1,269 @@
+"""The main process's side of its fronts: starts them on the shared listener, serves their
+links, restarts one that dies, and drains them before the journal closes.
+
+Each link is served by one reader (events to the journal, relayed requests to the Quart
+app, counters to /metrics) and one acker (the journal's answers back, in order). Events
+from a front go through the same intake as the main process's own, so the journal batches
+them all together. A link holds its own intake clone until the front has gone, so the
+journal closes only after the last front's last event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+from hypercorn.typing import ASGIFramework
+
+from ..drain import drain_when
+from ..events import JournalIntake, JournalUnavailable, Reply, Submission
+from ..http.server import Front, address_bind
+from ..http.state import ServerState
+from ..logs import get_logger
+from ..metrics import Metrics
+from ..settings import Settings
+from .link import (
+    Frame,
+    Link,
+    LinkBroken,
+    ack_to_wire,
+    event_from_wire,
+    scope_from_wire,
+    to_bytes,
+    to_text,
+)
+from .relay import call_asgi, open_app
+
+LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
+START_TIMEOUT = 60.0  # seconds for a front to import and listen; a slow disk's cold start
+ACK_BACKLOG = 64  # batches a link has handed over and not yet acked: backpressure beyond
+RELAY_CONCURRENCY = 64  # relayed requests a link runs at once; /v1 is not the hot path
+RESTART_BACKOFF = (0.5, 30.0)  # seconds: first and longest wait before restarting a front
+STABLE_AFTER = 60.0  # seconds: a front that ran this long starts its backoff afresh
+log = get_logger("msgledger.supervisor")
+
+Waiting = list[tuple[int, Reply]]
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """The TCP listener every process accepts on (one socket, so the kernel hands each new
+    connection to whichever process asks first: the least busy one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontDeps:
+    settings: Settings
+    public_url: str
+    listener: socket.socket
+    app: ASGIFramework  # answers relayed requests: the main process's Quart app
+    metrics: Metrics
+
+
+async def serve_by_fronts(intake: JournalIntake, front: Front, settings: Settings,
+                          state: ServerState, metrics: Metrics, stop: trio.Event, *,
+                          task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Have `http.workers` fronts serve HTTP on one listener while this process answers
+    what they relay with `front`'s app; started with the URL bound, once all listen.
+
+    Closes `intake` and `front.intake` once the last front has gone."""
+    listener = open_listener(settings.listen_host, settings.listen_port)
+    host, port = listener.getsockname()[:2]
+    url = f"http://{address_bind(host, port)}"
+    state.public_url = state.public_url or url
+    deps = FrontDeps(settings, state.public_url, listener, front, metrics)
+    with front.intake:
+        async with open_app(front), trio.open_nursery() as nursery:
+            nursery.start_soon(drain_when, stop, state)
+            await nursery.start(run_fronts, intake, deps, settings.workers, stop)
+            task_status.started(url)
+
+
+async def run_fronts(intake: JournalIntake, deps: FrontDeps, count: int, stop: trio.Event, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Keep `count` fronts running until `stop`; started once every one of them listens.
+
+    Closes `intake` once the last front has gone and its events are acked.
+    """
+    with intake, deps.listener:
+        async with trio.open_nursery() as fronts:
+            fronts.start_soon(_close_on, stop, deps.listener)
+            ready = [trio.Event() for _ in range(count)]
+            for worker, event in enumerate(ready, start=1):
+                fronts.start_soon(_keep_front, intake.clone(), deps, worker, stop, event)
+            with trio.fail_after(START_TIMEOUT):
+                for event in ready:
+                    await event.wait()
+            task_status.started()
+
+
+async def _close_on(stop: trio.Event, listener: socket.socket) -> None:
+    """Once draining, let the kernel refuse new connections rather than queue them."""
+    await stop.wait()
+    listener.close()
+
+
+async def _keep_front(intake: JournalIntake, deps: FrontDeps, worker: int, stop: trio.Event,
+                      ready: trio.Event) -> None:
+    """Run front `worker`; restart it with a growing backoff if it dies before `stop`."""
+    backoff = RESTART_BACKOFF[0]
+    with intake:
+        while True:
+            started = trio.current_time()
+            code = await _run_front_once(intake, deps, worker, stop, ready)
+            if stop.is_set():
+                return
+            log.error("front_died", worker=worker, exit_code=code, restart_in_s=backoff)
+            if trio.current_time() - started > STABLE_AFTER:
+                backoff = RESTART_BACKOFF[0]
+            with trio.move_on_after(backoff):
+                await stop.wait()
+                return
+            backoff = min(backoff * 2, RESTART_BACKOFF[1])
+
+
+async def _run_front_once(intake: JournalIntake, deps: FrontDeps, worker: int,
+                          stop: trio.Event, ready: trio.Event) -> int:
+    """One front's life: spawn it, serve its link, drain it on `stop`; its exit code."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        try:
+            process = _spawn(worker, theirs.fileno(), deps.listener.fileno())
+        finally:
+            theirs.close()
+        link = Link(ours)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_serve_link, link, intake.clone(), deps, worker, ready)
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(_drain_on, stop, link, process, deps.settings)
+                    code = await _wait_exit(process)
+                    watching.cancel_scope.cancel()
+        finally:
+            if process.poll() is None:  # cancelled (a second signal): do not leave it behind
+                process.kill()
+    return code
+
+
+def _spawn(worker: int, link_fd: int, listen_fd: int) -> subprocess.Popen[bytes]:
+    """Start front `worker`. Popen runs here, in the thread that lives as long as the process:
+    a front's parent-death signal is tied to the thread that forked it."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # only the main process speaks to systemd
+    argv = [sys.executable, "-m", "msgledger", "front", "--worker", str(worker),
+            "--link-fd", str(link_fd), "--listen-fd", str(listen_fd),
+            "--parent", str(os.getpid())]
+    process = subprocess.Popen(argv, pass_fds=(link_fd, listen_fd), env=env,
+                               stdin=subprocess.DEVNULL)
+    log.info("front_started", worker=worker, pid=process.pid)
+    return process
+
+
+async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    return process.wait()
+
+
+async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[bytes],
+                    settings: Settings) -> None:
+    """On `stop`, have the front drain; kill it if it outstays its deadline.
+
+    Asked over the link, not by a signal: systemd signals every process of the service,
+    and a second signal would tell the front to give up its drain."""
+    await stop.wait()
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await link.send(["drain"])
+    await trio.sleep(settings.graceful_timeout + settings.ack_timeout + 5.0)
+    log.error("front_killed", pid=process.pid, why="did not drain in time")
+    process.kill()
+
+
+# -------------------------------------------------------------------------- the link
+
+
+async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker: int,
+                      ready: trio.Event) -> None:
+    """Serve one front's link until the front closes it."""
+    acks, waiting = trio.open_memory_channel[Waiting](ACK_BACKLOG)
+    limiter = trio.CapacityLimiter(RELAY_CONCURRENCY)
+    reported: dict[tuple[str, str], float] = {}
+    with intake:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_acks, link, waiting)
+            await link.send(["settings", dataclasses.asdict(deps.settings), deps.public_url])
+            with acks:
+                try:
+                    async for frame in link.frames():
+                        if frame[0] == "events":
+                            await acks.send(await _hand_over(intake, frame[1]))
+                        elif frame[0] == "request":
+                            nursery.start_soon(_relay, link, deps.app, frame, limiter)
+                        elif frame[0] == "tally":
+                            deps.metrics.add_callbacks(frame[1], reported)
+                        elif frame[0] == "ready":
+                            ready.set()
+                except (LinkBroken, trio.BrokenResourceError) as error:
+                    log.error("link_broken", worker=worker, error=str(error))
+
+
+async def _hand_over(intake: JournalIntake, items: Sequence[list[Any]]) -> Waiting:
+    """Give each event to the journal; the replies to wait on, by the front's ids."""
+    waiting: Waiting = []
+    for item in items:
+        ident, event = event_from_wire(item)
+        reply = Reply()
+        try:
+            try:
+                intake.send_nowait(Submission(event, reply))
+            except trio.WouldBlock:  # the journal is behind: the front waits, and so on back
+                await intake.send(Submission(event, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            reply.answer(JournalUnavailable("journal is closed"))
+        waiting.append((ident, reply))
+    return waiting
+
+
+async def _send_acks(link: Link, batches: trio.MemoryReceiveChannel[Waiting]) -> None:
+    """Answer each batch once the journal has; keep consuming after the front has gone
+    (its events are committed all the same)."""
+    gone = False
+    with batches:
+        async for waiting in batches:
+            wire = [ack_to_wire(ident, await reply.wait()) for ident, reply in waiting]
+            if not gone:
+                try:
+                    await link.send(["acks", wire])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    gone = True
+
+
+async def _relay(link: Link, app: ASGIFramework, frame: Frame,
+                 limiter: trio.CapacityLimiter) -> None:
+    _, ident, scope, body = frame
+    async with limiter:
+        status, headers, answer = await call_asgi(app, scope_from_wire(scope), to_bytes(body))
+    # If the front has gone, so has the client it asked for.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await link.send(["response", ident, status,
+                         [[to_text(k), to_text(v)] for k, v in headers], to_text(answer)])
