@@ -9,7 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +60,7 @@ class Ledger:
     store_path: Path
     client: httpx.AsyncClient
     stop: trio.Event  # set it to start the graceful drain; leaving the context waits for it
+    workers: int = 1  # http.workers: 1 serves from the main process, more from fronts
 
     async def post_status(self, params: Mapping[str, str], *, ref: str | None = None,
                           token: str = AUTH_TOKEN) -> httpx.Response:
@@ -67,9 +68,25 @@ class Ledger:
         headers = signed(self.public_url + path, params, token)
         return await self.client.post(path, content=urlencode(params), headers=headers)
 
+    async def metrics_showing(self, *lines: str) -> str:
+        """/metrics once it shows every one of `lines`. Fronts report their webhook counters
+        every second (`front.TALLY_EVERY`), so with fronts this waits for the next report."""
+        while True:
+            text = (await self.client.get("/metrics")).text
+            if all(line in text for line in lines):
+                return text
+            await trio.sleep(0.05)
+
     async def record(self, key: str) -> httpx.Response:
         return await self.client.get(f"/v1/messages/{key}",
                                      headers={"Authorization": f"Bearer {API_TOKEN}"})
+
+
+async def wait_until(done: Callable[[], bool], every: float = 0.02) -> None:
+    """Poll `done`: for another process's state, which no trio.Event can signal. Callers
+    bound the wait with `fail_after`."""
+    while not done():  # noqa: ASYNC110 -- nothing in this process is told when it changes
+        await trio.sleep(every)
 
 
 def daemon_environ(store_path: Path, **extra: str) -> dict[str, str]:
@@ -88,14 +105,21 @@ async def open_ledger(environ: Mapping[str, str]) -> AsyncIterator[Ledger]:
                                               handle_signals=False))
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             yield Ledger(running.url, running.public_url, Path(settings_.store_path), client,
-                         stop)
+                         stop, settings_.workers)
         stop.set()
 
 
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-fronts"])
+def workers(request: pytest.FixtureRequest) -> str:
+    """`http.workers`: the main process serving HTTP itself, or two front processes."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
-    """The whole daemon on default settings, a fresh store, port 0."""
-    async with open_ledger(daemon_environ(tmp_path / "ledger.db")) as it:
+async def ledger(tmp_path: Path, workers: str) -> AsyncIterator[Ledger]:
+    """The whole daemon on default settings, a fresh store, port 0, each way of serving."""
+    environ = daemon_environ(tmp_path / "ledger.db", MSGLEDGER_HTTP_WORKERS=workers)
+    async with open_ledger(environ) as it:
         yield it
 
 

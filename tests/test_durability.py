@@ -6,6 +6,7 @@ These tests run `msgledger run` as a child process so they can kill it for real.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sqlite3
@@ -30,6 +31,7 @@ from .conftest import (
     open_ledger,
     signed,
     start_child,
+    wait_until,
 )
 
 SENDERS = 32  # concurrent callers, as a proxy's connection pool would have
@@ -51,11 +53,13 @@ async def post(client: httpx.AsyncClient, child: ChildDaemon, sid: str,
     return response.status_code
 
 
-async def load_until_killed(child: ChildDaemon, kill_after: int) -> tuple[set[str], int]:
-    """Post unique callbacks from many tasks; SIGKILL the daemon once `kill_after` are
+async def load_until_killed(child: ChildDaemon, kill_after: int,
+                            signum: int = signal.SIGKILL) -> tuple[set[str], int]:
+    """Post unique callbacks from many tasks; signal the daemon once `kill_after` are
     acknowledged. Returns the acknowledged SIDs and how many requests got no answer."""
     acked: set[str] = set()
     unanswered = 0
+    signalled: list[int] = []
 
     async def sender(client: httpx.AsyncClient) -> None:
         nonlocal unanswered
@@ -68,8 +72,12 @@ async def load_until_killed(child: ChildDaemon, kill_after: int) -> tuple[set[st
                 return
             if code == 200:
                 acked.add(sid)
-            if len(acked) >= kill_after and child.process.returncode is None:
-                child.process.send_signal(signal.SIGKILL)
+            if len(acked) >= kill_after and not signalled:
+                signalled.append(signum)
+                child.process.send_signal(signum)
+                if signum == signal.SIGTERM:  # as systemd stops a service: every process
+                    for pid in front_pids(child):
+                        os.kill(pid, signum)
 
     limits = httpx.Limits(max_connections=SENDERS)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client, trio.open_nursery() as n:
@@ -78,15 +86,36 @@ async def load_until_killed(child: ChildDaemon, kill_after: int) -> tuple[set[st
     return acked, unanswered
 
 
-async def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def fronts(workers: str) -> int:
+    """How many front processes `http.workers` starts: none for 1, else that many."""
+    return 0 if workers == "1" else int(workers)
+
+
+def front_pids(child: ChildDaemon) -> list[int]:
+    return [int(str(line["pid"])) for line in child.lines if line["event"] == "front_started"]
+
+
+async def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path: Path, workers: str) -> None:
     """Every callback answered 200 before a SIGKILL is in the journal afterwards, the chain
-    verifies, and a restarted daemon carries on from the same store."""
+    verifies, and a restarted daemon carries on from the same store. Fronts die with the
+    main process: none is left accepting connections it could never make durable."""
     db = tmp_path / "kill.db"
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            child = await start_child(nursery, child_env(db))
+            child = await start_child(nursery, child_env(db, MSGLEDGER_HTTP_WORKERS=workers))
             acked, unanswered = await load_until_killed(child, kill_after=400)
             assert await child.process.wait() == -signal.SIGKILL
+        assert len(front_pids(child)) == fronts(workers)
+        await wait_until(lambda: not any(alive(pid) for pid in front_pids(child)))
         assert len(acked) >= 400 and unanswered > 0  # the kill really cut requests off
         assert acked <= journaled_sids(db)
         result = store.verify(str(db))
@@ -100,14 +129,15 @@ async def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> No
     assert store.verify(str(db)).events == result.events + 1
 
 
-async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    """SIGTERM stops the daemon gracefully: exit 0, every acknowledged callback kept; and
-    no secret (auth token, API token) ever reaches its log, refusals and /v1 included."""
+async def test_sigterm_drains_and_exits_zero(tmp_path: Path, workers: str) -> None:
+    """SIGTERM stops the daemon gracefully: exit 0, every acknowledged callback kept, fronts
+    gone; and no secret (auth token, API token) ever reaches its log, refusals and /v1
+    included."""
     db = tmp_path / "term.db"
     sids = [new_sid() for _ in range(50)]
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            child = await start_child(nursery, child_env(db))
+            child = await start_child(nursery, child_env(db, MSGLEDGER_HTTP_WORKERS=workers))
             async with httpx.AsyncClient() as client:
                 codes = [await post(client, child, sid) for sid in sids]
                 forged = await client.post(child.url + "/twilio/status", headers={
@@ -121,9 +151,30 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     assert set(sids) <= journaled_sids(db)
     events = [line["event"] for line in child.lines]
     assert events.index("drain_started") < events.index("journal_closed")
+    assert events.count("front_stopped") == len(front_pids(child))
     assert events[-1] == "daemon_stopped"
+    assert not any(alive(pid) for pid in front_pids(child))
     logged = json.dumps(child.lines)
     assert AUTH_TOKEN not in logged and API_TOKEN not in logged
+
+
+async def test_sigterm_mid_load_keeps_every_acknowledged_callback(tmp_path: Path,
+                                                                  workers: str) -> None:
+    """SIGTERM under load, to every process of the service as systemd sends it: requests in
+    flight are finished, new ones refused, the daemon exits 0 (no front gives up its
+    drain), and every callback it answered 200 is in the journal."""
+    db = tmp_path / "term-load.db"
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db, MSGLEDGER_HTTP_WORKERS=workers))
+            acked, _ = await load_until_killed(child, kill_after=300, signum=signal.SIGTERM)
+            assert await child.process.wait() == 0
+    events = [line["event"] for line in child.lines]
+    assert events.count("front_stopped") == len(front_pids(child)) == fronts(workers)
+    assert "drain_abandoned" not in events
+    assert len(acked) >= 300
+    assert acked <= journaled_sids(db)
+    assert store.verify(str(db)).ok
 
 
 async def test_full_disk_answers_503_then_recovers(tmp_path: Path) -> None:

@@ -67,9 +67,11 @@ def history(record: dict[str, Any]) -> list[tuple[str, str | None]]:
     return [(h["kind"], h.get("status")) for h in record["history"]]
 
 
-async def test_500_messages_end_delivered_through_callbacks(tmp_path: Path) -> None:
+async def test_500_messages_end_delivered_through_callbacks(tmp_path: Path,
+                                                            workers: str) -> None:
     """Every message sent through /v1/messages is recorded before sending and ends
-    `delivered` through the simulator's signed callbacks."""
+    `delivered` through the simulator's signed callbacks (with fronts: every request and
+    callback crosses a link)."""
     codes: list[int] = []
 
     async def sender(sim_ledger: tuple[Simulator, Ledger], first: int) -> None:
@@ -77,7 +79,8 @@ async def test_500_messages_end_delivered_through_callbacks(tmp_path: Path) -> N
             codes.append((await send(sim_ledger[1], to=f"+1555000{n:04d}")).status_code)
 
     with trio.fail_after(120):
-        async with sim_and_ledger(tmp_path) as (sim, ledger):
+        async with sim_and_ledger(tmp_path, env={"MSGLEDGER_HTTP_WORKERS": workers}) as (
+                sim, ledger):
             async with trio.open_nursery() as nursery:
                 for first in range(25):
                     nursery.start_soon(sender, (sim, ledger), first)
@@ -222,11 +225,12 @@ async def test_a_reused_ref_is_never_sent_twice(tmp_path: Path) -> None:
     assert sim.stats.messages_created == 1
 
 
-async def test_concurrent_sends_of_one_ref_send_once(tmp_path: Path) -> None:
+async def test_concurrent_sends_of_one_ref_send_once(tmp_path: Path, workers: str) -> None:
     """Two requests racing with the same ref: one is sent, the other gets 409."""
     codes: list[int] = []
     with trio.fail_after(30):
-        async with sim_and_ledger(tmp_path, latency=0.2) as (sim, ledger):
+        async with sim_and_ledger(tmp_path, latency=0.2,
+                                  env={"MSGLEDGER_HTTP_WORKERS": workers}) as (sim, ledger):
 
             async def post() -> None:
                 codes.append((await send(ledger, ref="raced")).status_code)
@@ -238,10 +242,10 @@ async def test_concurrent_sends_of_one_ref_send_once(tmp_path: Path) -> None:
     assert sim.stats.messages_created == 1
 
 
-async def test_shutdown_mid_send_keeps_the_outcome(tmp_path: Path) -> None:
+async def test_shutdown_mid_send_keeps_the_outcome(tmp_path: Path, workers: str) -> None:
     """A send still waiting for Twilio when the daemon drains past its graceful timeout
     still gets its outcome (the SID) journaled before the daemon stops."""
-    drain_fast = {"MSGLEDGER_HTTP_GRACEFUL_TIMEOUT": "100ms"}
+    drain_fast = {"MSGLEDGER_HTTP_GRACEFUL_TIMEOUT": "100ms", "MSGLEDGER_HTTP_WORKERS": workers}
     with trio.fail_after(30):
         async with (sim_and_ledger(tmp_path, env=drain_fast, latency=1.0) as (sim, ledger),
                     trio.open_nursery() as posting):

@@ -165,10 +165,11 @@ async def test_healthz_and_metrics(ledger: Ledger) -> None:
         await ledger.post_status(callback_params(new_sid(), "sent"))
         await ledger.post_status(callback_params(new_sid(), "sent"), token="bad")
         health = await ledger.client.get("/healthz")
-        metrics = (await ledger.client.get("/metrics")).text
-    assert (health.status_code, health.json()) == (200, {"status": "ready", "worker": 0})
-    assert 'msgledger_callbacks_total{outcome="200",route="status"} 1.0' in metrics
-    assert 'msgledger_callbacks_total{outcome="403",route="status"} 1.0' in metrics
+        metrics = await ledger.metrics_showing(
+            'msgledger_callbacks_total{outcome="200",route="status"} 1.0',
+            'msgledger_callbacks_total{outcome="403",route="status"} 1.0')
+    assert (health.status_code, health.json()["status"]) == (200, "ready")
+    assert health.json()["worker"] in ((0,) if ledger.workers == 1 else (1, 2))
     assert "msgledger_journal_commit_seconds_count 1.0" in metrics
 
 

@@ -22,11 +22,16 @@ async def drain_when(stop: trio.Event, state: ServerState) -> None:
 
 
 async def watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
+    """The first signal sets `stop`; the second cancels `everything`. Signals are counted,
+    not inferred from `stop`: a front is also told to drain over its link, and systemd's
+    SIGTERM arriving after that is still only the first signal."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        first = True
         async for signum in signals:
-            if stop.is_set():
+            if not first:
                 log.warning("drain_abandoned", signal=signal.Signals(signum).name)
                 everything.cancel()
                 return
             log.info("signal_received", signal=signal.Signals(signum).name)
             stop.set()
+            first = False
