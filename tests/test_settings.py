@@ -136,6 +136,8 @@ def test_durations(text: str, seconds: float) -> None:
     ('[http]\nack_timeout = "0s"\n', "http.ack_timeout"),
     ('[poller]\ninterval = "0m"\n', "poller.interval"),
     ('[http]\nlisten = "localhost"\n', "http.listen"),
+    ("[http]\nworkers = 0\n", "http.workers"),
+    ('[http]\nworkers = "two"\n', "http.workers"),
     ('[http]\nlisten = "127.0.0.1:70000"\n', "http.listen"),
     ('[http]\nlisten = ":8080"\n', "http.listen"),
     ('[http]\npublic_url = "https://ledger.example.com/twilio"\n', "http.public_url"),

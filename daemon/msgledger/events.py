@@ -167,3 +167,14 @@ async def journal_within(intake: JournalIntake, event: Event, seconds: float, *,
     with trio.move_on_after(seconds, shield=shield):
         return await journal(intake, event)
     return JournalUnavailable("journal not durable in time")
+
+
+def take_waiting(inbox: JournalInbox, first: Submission, most: int) -> list[Submission]:
+    """`first` and whatever else waits in `inbox` now, at most `most` in all: one batch."""
+    batch = [first]
+    while len(batch) < most:
+        try:
+            batch.append(inbox.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return batch

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import trio
 
 from .deadlines import AckDeadlines
-from .events import Ack, JournalInbox, JournalUnavailable, Submission
+from .events import Ack, JournalInbox, JournalUnavailable, Submission, take_waiting
 from .logs import get_logger
 from .metrics import Metrics
 from .store import JournalWriter
@@ -40,20 +40,10 @@ async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Me
             nursery.start_soon(deadlines.run)
             task_status.started()
             async for first in inbox:
-                batch = _take_waiting(inbox, first)
+                batch = take_waiting(inbox, first, MAX_BATCH)
                 await _commit(batch, writer, limiter, metrics)
             nursery.cancel_scope.cancel()  # every submission is answered: nobody waits
     log.info("journal_closed", last_seq=writer.last_seq)
-
-
-def _take_waiting(inbox: JournalInbox, first: Submission) -> list[Submission]:
-    batch = [first]
-    while len(batch) < MAX_BATCH:
-        try:
-            batch.append(inbox.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return batch
 
 
 async def _commit(batch: Sequence[Submission], writer: JournalWriter,

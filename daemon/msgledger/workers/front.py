@@ -33,7 +33,14 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, S
 from .. import logs
 from ..deadlines import AckDeadlines
 from ..drain import drain_when, watch_signals
-from ..events import JournalInbox, JournalIntake, JournalUnavailable, Reply, Submission
+from ..events import (
+    JournalInbox,
+    JournalIntake,
+    JournalUnavailable,
+    Reply,
+    Submission,
+    take_waiting,
+)
 from ..http.server import fd_bind, hypercorn_config, serve_http
 from ..http.signature import SignatureChecker
 from ..http.state import ServerState
@@ -71,9 +78,8 @@ class Forwarder:
         """Forward every batch the inbox delivers, until it closes."""
         with inbox:
             async for first in inbox:
-                batch = [first, *_take_waiting(inbox, MAX_BATCH - 1)]
                 wire = []
-                for submission in batch:
+                for submission in take_waiting(inbox, first, MAX_BATCH):
                     ident = next(self._ids)
                     self._pending[ident] = submission.reply
                     wire.append(event_to_wire(ident, submission.event))
@@ -90,16 +96,6 @@ class Forwarder:
         pending, self._pending = self._pending, {}
         for reply in pending.values():
             reply.answer(JournalUnavailable(why))
-
-
-def _take_waiting(inbox: JournalInbox, most: int) -> list[Submission]:
-    taken: list[Submission] = []
-    while len(taken) < most:
-        try:
-            taken.append(inbox.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return taken
 
 
 class Relay:

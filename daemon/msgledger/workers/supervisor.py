@@ -206,25 +206,43 @@ async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker
                       ready: trio.Event) -> None:
     """Serve one front's link until the front closes it."""
     acks, waiting = trio.open_memory_channel[Waiting](ACK_BACKLOG)
-    limiter = trio.CapacityLimiter(RELAY_CONCURRENCY)
-    reported: dict[tuple[str, str], float] = {}
     with intake:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_acks, link, waiting)
-            await link.send(["settings", dataclasses.asdict(deps.settings), deps.public_url])
             with acks:
+                served = _LinkServer(link, intake, acks, deps, nursery, ready)
                 try:
+                    await link.send(["settings", dataclasses.asdict(deps.settings),
+                                     deps.public_url])
                     async for frame in link.frames():
-                        if frame[0] == "events":
-                            await acks.send(await _hand_over(intake, frame[1]))
-                        elif frame[0] == "request":
-                            nursery.start_soon(_relay, link, deps.app, frame, limiter)
-                        elif frame[0] == "tally":
-                            deps.metrics.add_callbacks(frame[1], reported)
-                        elif frame[0] == "ready":
-                            ready.set()
+                        await served.dispatch(frame)
                 except (LinkBroken, trio.BrokenResourceError) as error:
                     log.error("link_broken", worker=worker, error=str(error))
+
+
+@dataclasses.dataclass
+class _LinkServer:
+    """What one link's frames act on."""
+
+    link: Link
+    intake: JournalIntake
+    acks: trio.MemorySendChannel[Waiting]
+    deps: FrontDeps
+    relays: trio.Nursery
+    ready: trio.Event
+    limiter: trio.CapacityLimiter = dataclasses.field(
+        default_factory=lambda: trio.CapacityLimiter(RELAY_CONCURRENCY))
+    reported: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+
+    async def dispatch(self, frame: Frame) -> None:
+        if frame[0] == "events":
+            await self.acks.send(await _hand_over(self.intake, frame[1]))
+        elif frame[0] == "request":
+            self.relays.start_soon(_relay, self.link, self.deps.app, frame, self.limiter)
+        elif frame[0] == "tally":
+            self.deps.metrics.add_callbacks(frame[1], self.reported)
+        elif frame[0] == "ready":
+            self.ready.set()
 
 
 async def _hand_over(intake: JournalIntake, items: Sequence[list[Any]]) -> Waiting:
