@@ -605,7 +605,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--million", action="store_true",
                    help="1,000,000 callbacks at msgledger, RSS every 100k (10+ min)")
     p.add_argument("--million-total", type=int, default=MILLION, help=argparse.SUPPRESS)
-    p.add_argument("--million-target", default="msgledger", help=argparse.SUPPRESS)
+    p.add_argument("--million-target", default="msgledger",
+                   help="the target --million drives (msgledger)")
     p.add_argument("--keep", action="store_true", help="keep stores, logs and requests")
     args = p.parse_args(argv)
     if args.quick:

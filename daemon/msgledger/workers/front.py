@@ -75,7 +75,8 @@ class Forwarder:
         self._pending: dict[int, Reply] = {}
 
     async def run(self, inbox: JournalInbox) -> None:
-        """Forward every batch the inbox delivers, until it closes."""
+        """Forward every batch the inbox delivers, until it closes. Once the link is broken,
+        answer the rest at once: nothing can make them durable."""
         with inbox:
             async for first in inbox:
                 wire = []
@@ -83,7 +84,10 @@ class Forwarder:
                     ident = next(self._ids)
                     self._pending[ident] = submission.reply
                     wire.append(event_to_wire(ident, submission.event))
-                await self._link.send(["events", wire])
+                try:
+                    await self._link.send(["events", wire])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.fail_all("main process unavailable")
 
     def answer(self, acks: list[list[Any]]) -> None:
         for item in acks:
@@ -242,7 +246,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
             state.ready = True
             await link.send(["ready"])
             log.info("front_ready", pid=os.getpid())
-        await _send_tally(link, metrics)  # every request is answered: the counts are final
+        await _send_tally(link, metrics.callback_totals())  # every request answered: final
         nursery.cancel_scope.cancel()
     await link.close()
     log.info("front_stopped")
@@ -286,13 +290,14 @@ async def _report_tallies(link: Link, metrics: Metrics) -> None:
         await trio.sleep(TALLY_EVERY)
         totals = metrics.callback_totals()
         if totals != sent:
-            await link.send(["tally", totals])
+            await _send_tally(link, totals)
             sent = totals
 
 
-async def _send_tally(link: Link, metrics: Metrics) -> None:
+async def _send_tally(link: Link, totals: list[list[Any]]) -> None:
+    """Report `totals`; a broken link is `_read_link`'s to handle."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await link.send(["tally", metrics.callback_totals()])
+        await link.send(["tally", totals])
 
 
 def _settings_from(frame: Frame) -> tuple[Settings, str]:

@@ -129,10 +129,12 @@ async def _keep_front(intake: JournalIntake, deps: FrontDeps, worker: int, stop:
             started = trio.current_time()
             code = await _run_front_once(intake, deps, worker, stop, ready)
             if stop.is_set():
+                if code != 0:
+                    log.warning("front_failed_drain", worker=worker, exit_code=code)
                 return
-            log.error("front_died", worker=worker, exit_code=code, restart_in_s=backoff)
             if trio.current_time() - started > STABLE_AFTER:
                 backoff = RESTART_BACKOFF[0]
+            log.error("front_died", worker=worker, exit_code=code, restart_in_s=backoff)
             with trio.move_on_after(backoff):
                 await stop.wait()
                 return
