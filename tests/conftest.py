@@ -149,7 +149,7 @@ async def start_child(nursery: trio.Nursery, env: Mapping[str, str], *args: str,
     nursery.start_soon(_read_logs, process, lines, ready_event, ready)
     with trio.fail_after(20):
         await ready.wait()
-    url = next(str(line["url"]) for line in lines if line.get("event") == "daemon_ready")
+    url = next((str(line["url"]) for line in lines if line.get("event") == "daemon_ready"), "")
     ready_line = next(line for line in lines if line.get("event") == ready_event)
     return ChildDaemon(process, url, ready_line, lines)
 

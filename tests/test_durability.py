@@ -5,11 +5,13 @@ These tests run `msgledger run` as a child process so they can kill it for real.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import signal
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -54,9 +56,12 @@ async def post(client: httpx.AsyncClient, child: ChildDaemon, sid: str,
 
 
 async def load_until_killed(child: ChildDaemon, kill_after: int,
-                            signum: int = signal.SIGKILL) -> tuple[set[str], int]:
+                            signum: int = signal.SIGKILL,
+                            on_ack: Callable[[int], Awaitable[None]] | None = None,
+                            ) -> tuple[set[str], int]:
     """Post unique callbacks from many tasks; signal the daemon once `kill_after` are
-    acknowledged. Returns the acknowledged SIDs and how many requests got no answer."""
+    acknowledged (`on_ack` sees each count first). Returns the acknowledged SIDs and how
+    many requests got no answer."""
     acked: set[str] = set()
     unanswered = 0
     signalled: list[int] = []
@@ -72,12 +77,15 @@ async def load_until_killed(child: ChildDaemon, kill_after: int,
                 return
             if code == 200:
                 acked.add(sid)
+            if on_ack is not None:
+                await on_ack(len(acked))
             if len(acked) >= kill_after and not signalled:
                 signalled.append(signum)
                 child.process.send_signal(signum)
                 if signum == signal.SIGTERM:  # as systemd stops a service: every process
                     for pid in front_pids(child):
-                        os.kill(pid, signum)
+                        with contextlib.suppress(ProcessLookupError):  # a front killed before
+                            os.kill(pid, signum)
 
     limits = httpx.Limits(max_connections=SENDERS)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client, trio.open_nursery() as n:
@@ -175,6 +183,46 @@ async def test_sigterm_mid_load_keeps_every_acknowledged_callback(tmp_path: Path
     assert len(acked) >= 300
     assert acked <= journaled_sids(db)
     assert store.verify(str(db)).ok
+
+
+async def test_a_front_killed_mid_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """SIGKILL one front in the middle of a load: every callback answered 200 by any front
+    is in the journal, its replacement serves, and the daemon still stops cleanly."""
+    db = tmp_path / "front-kill.db"
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db, MSGLEDGER_HTTP_WORKERS="2"))
+            victim = front_pids(child)[0]
+            killed = False
+
+            async def kill_front_once(acked: int) -> None:
+                nonlocal killed
+                if acked >= 200 and not killed:
+                    killed = True
+                    os.kill(victim, signal.SIGKILL)
+
+            acked, _ = await load_until_killed(child, kill_after=600, signum=signal.SIGTERM,
+                                               on_ack=kill_front_once)
+            assert await child.process.wait() == 0
+    events = [line["event"] for line in child.lines]
+    assert killed and "front_died" in events and len(front_pids(child)) == 3
+    assert acked <= journaled_sids(db)
+    assert store.verify(str(db)).ok
+
+
+async def test_sigterm_while_fronts_start_exits_cleanly(tmp_path: Path) -> None:
+    """A stop that arrives while the fronts are still starting (SIGTERM to every process,
+    as systemd sends it) ends the daemon promptly with exit 0."""
+    db = tmp_path / "early.db"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            child = await start_child(nursery, child_env(db, MSGLEDGER_HTTP_WORKERS="2"),
+                                      ready_event="front_started")
+            child.process.send_signal(signal.SIGTERM)
+            for pid in front_pids(child):
+                os.kill(pid, signal.SIGTERM)
+            assert await child.process.wait() == 0
+    assert "daemon_stopped" in [line["event"] for line in child.lines]
 
 
 async def test_full_disk_answers_503_then_recovers(tmp_path: Path) -> None:

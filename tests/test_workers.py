@@ -6,6 +6,7 @@ conftest.py); these pin what only fronts do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,7 +22,9 @@ import trio.lowlevel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msgledger.events import Event, JournalUnavailable
+from msgledger.events import Event, JournalUnavailable, Reply, Submission
+from msgledger.workers import front, supervisor
+from msgledger.workers import link as wire
 from msgledger.workers.link import (
     MAX_FRAME,
     Link,
@@ -112,6 +115,54 @@ async def test_what_is_not_a_frame_breaks_the_link(raw: bytes, why: str) -> None
         await received(raw, [])
 
 
+async def test_a_send_cut_short_still_delivers_its_whole_frame(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A sender cancelled mid-frame (a request cut off by the graceful timeout) finishes
+    the frame it started: half a frame would garble every frame after it."""
+    left, right = socket.socketpair()
+    sender, reader = Link(left), Link(right)
+    big = ["response", 1, "x" * (4 * 1024 * 1024)]  # far more than the socket buffers
+    got: list[list[Any]] = []
+
+    async def read_later() -> None:
+        await trio.sleep(1)  # the send below has been cancelled by now
+        got.extend([frame async for frame in reader.frames()])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_later)
+        with trio.move_on_after(0.1) as cut:
+            await sender.send(big)
+        await sender.send(["tally", []])
+        await sender.close()
+    await reader.close()
+    assert cut.cancel_called  # the deadline passed while the frame was half sent
+    assert got == [big, ["tally", []]]
+
+
+async def test_forwarded_batches_stay_under_the_frame_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose events together exceed the frame budget goes as several frames, each
+    within it; an event bigger than the budget alone is answered 503, not sent."""
+    monkeypatch.setattr(front, "FRAME_BUDGET", 4000)
+    left, right = socket.socketpair()
+    forwarder, reader = front.Forwarder(Link(left)), Link(right)
+    intake, inbox = trio.open_memory_channel[Submission](100)
+    replies = [Reply() for _ in range(21)]
+    for n, reply in enumerate(replies):  # twenty of about 1 KB, and one of 5 KB
+        body = "x" * (5000 if n == 20 else 1000)
+        intake.send_nowait(Submission(Event("callback", "callback", "t", sid=f"SM{n}",
+                                            data={"params": [["Body", body]]}), reply))
+    intake.close()
+    await forwarder.run(inbox)
+    await forwarder._link.close()
+    frames = [frame async for frame in reader.frames()]
+    await reader.close()
+    sids = [item[4] for frame in frames for item in frame[1]]
+    assert sids == [f"SM{n}" for n in range(20)]
+    assert len(frames) > 1 and all(len(orjson.dumps(f)) <= 4000 + 64 for f in frames)
+    assert isinstance(await replies[20].wait(), JournalUnavailable)
+
+
 def test_events_and_acks_cross_unchanged() -> None:
     """An event and its answer (a sequence number or why not) survive the wire format."""
     event = Event("callback", "callback", "2026-11-27T00:00:00.000000+00:00", sid="SM1",
@@ -150,8 +201,9 @@ async def workers_answering(url: str, want: set[int]) -> set[int]:
 
 
 async def test_every_front_serves_and_the_main_process_does_not(tmp_path: Path) -> None:
-    """With three workers, connections land on fronts 1 to 3, never on the main process,
-    and callbacks through any of them are journaled."""
+    """With three workers, connections land on fronts 1 to 3, never on the main process
+    (whose own /healthz would say worker 0), and callbacks through any of them are
+    journaled."""
     environ = daemon_environ(tmp_path / "fronts.db", MSGLEDGER_HTTP_WORKERS="3")
     with trio.fail_after(60):
         async with open_ledger(environ) as ledger:
@@ -200,6 +252,26 @@ async def test_relayed_request_body_is_bounded(tmp_path: Path) -> None:
         async with open_ledger(environ) as ledger:
             big = await ledger.client.post("/v1/messages/register", content=huge, headers={
                 **BEARER, "content-type": "application/json"})
-            after = await ledger.client.get("/healthz")
+            after = await ledger.client.get("/v1/messages", headers=BEARER)  # crosses the link
     assert big.status_code == 413
-    assert after.status_code == 200
+    assert (after.status_code, after.json()["messages"]) == (200, [])
+
+
+async def test_a_front_whose_link_breaks_is_replaced(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the main process cannot read a front's link (here: a frame over its limit),
+    that front is killed and started again instead of answering 503 for ever."""
+    monkeypatch.setattr(wire, "MAX_FRAME", 4096)  # the main process runs in this one
+    monkeypatch.setattr(supervisor, "LINK_END_GRACE", 0.1)
+    environ = daemon_environ(tmp_path / "broken.db", MSGLEDGER_HTTP_WORKERS="2",
+                             MSGLEDGER_HTTP_ACK_TIMEOUT="1s")
+    with trio.fail_after(60):
+        async with open_ledger(environ) as ledger:
+            before = front_pids()
+            big = callback_params(new_sid(), "sent", Body="x" * 8000)
+            with contextlib.suppress(httpx.TransportError):  # killed mid-answer, or a 503
+                assert (await ledger.post_status(big)).status_code == 503
+            await wait_until(lambda: len(front_pids() - before) == 1 == len(before - front_pids()))
+            codes = await post_from_new_connections(ledger, 5)
+    assert len(before) == 2
+    assert set(codes.values()) == {200}

@@ -118,6 +118,10 @@ def cmd_front(args: argparse.Namespace) -> int:
     from .workers import front
 
     front.die_with_parent(args.parent)
+    # Until its signal watcher runs, a signal must not kill it mid-start: the main process
+    # asks it to drain over the link as well, and that covers the window.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return trio.run(front.run_front, args.link_fd, args.listen_fd, args.worker)
 
 

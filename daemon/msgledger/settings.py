@@ -36,7 +36,7 @@ class Settings:
     ack_timeout: float  # seconds
     graceful_timeout: float  # seconds
     webhooks: bool
-    workers: int  # processes serving HTTP: the main one plus workers - 1 fronts
+    workers: int  # processes serving HTTP: 1 is the main one, more are that many fronts
     store_path: str
     keep_body: str  # "full" | "hash" | "none"
     account_sid: str | None
@@ -258,6 +258,8 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         raise ConfigError(
             "http.public_url: required when listening beyond loopback; signatures are checked"
             " against the URL Twilio calls, which the bound address does not tell")
+    if p["http.workers"] > 1 and not hasattr(os, "pidfd_open"):
+        raise ConfigError("http.workers: front processes need Linux 5.3 or later; set 1")
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")

@@ -17,6 +17,7 @@ from .webhooks import ROUTES, WebhookReceiver
 
 KEEP_ALIVE_MAX_REQUESTS = 100_000  # a proxy's pooled connection should not churn every 1,000
 KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than common proxies' idle timeouts (60 s)
+LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
 
 
 class Front:
@@ -53,6 +54,7 @@ def hypercorn_config(bind: str, graceful_timeout: float) -> Config:
     config = Config()
     config.bind = [bind]
     config.graceful_timeout = graceful_timeout
+    config.backlog = LISTEN_BACKLOG  # hypercorn listens again with it, fd:// sockets too
     config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.accesslog = None  # webhooks log their own canonical line

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, cast
 
+import orjson
 import structlog
 import trio
 from hypercorn.config import Config
@@ -48,19 +49,23 @@ from ..http.webhooks import ROUTES, WebhookReceiver
 from ..metrics import Metrics
 from ..settings import Settings
 from .link import (
+    FRAME_BUDGET,
     Frame,
     Link,
     LinkBroken,
     ack_from_wire,
     event_to_wire,
+    events_frame,
     scope_to_wire,
     to_bytes,
     to_text,
 )
+from .relay import Answer
 
 INTAKE_BUFFER = 1024  # as the main process's: a batch's worth queues while one is in flight
 MAX_BATCH = 1024  # events per frame, as the journal's batches
 RELAY_MAX_BODY = 1024 * 1024  # bytes; /v1 bodies are a few KiB, anything near this is abuse
+RELAY_TIMEOUT = 60.0  # seconds; a send retried on 429s may take a while, not this long
 TALLY_EVERY = 1.0  # seconds between webhook counter reports: /metrics lags by at most this
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 log = logs.get_logger("msgledger.front")
@@ -79,15 +84,32 @@ class Forwarder:
         answer the rest at once: nothing can make them durable."""
         with inbox:
             async for first in inbox:
-                wire = []
-                for submission in take_waiting(inbox, first, MAX_BATCH):
-                    ident = next(self._ids)
-                    self._pending[ident] = submission.reply
-                    wire.append(event_to_wire(ident, submission.event))
-                try:
-                    await self._link.send(["events", wire])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.fail_all("main process unavailable")
+                for frame in self._frames(take_waiting(inbox, first, MAX_BATCH)):
+                    try:
+                        await self._link.send_encoded(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self.fail_all("main process unavailable")
+
+    def _frames(self, batch: list[Submission]) -> list[bytes]:
+        """The batch as `events` frames of at most FRAME_BUDGET bytes each."""
+        frames: list[bytes] = []
+        encoded: list[bytes] = []
+        size = 0
+        for submission in batch:
+            ident = next(self._ids)
+            data = orjson.dumps(event_to_wire(ident, submission.event))
+            if len(data) > FRAME_BUDGET:  # far beyond any http.max_body_bytes in use
+                submission.reply.answer(JournalUnavailable("event too large to forward"))
+                continue
+            if size + len(data) > FRAME_BUDGET:
+                frames.append(events_frame(encoded))
+                encoded, size = [], 0
+            self._pending[ident] = submission.reply
+            encoded.append(data)
+            size += len(data) + 1
+        if encoded:
+            frames.append(events_frame(encoded))
+        return frames
 
     def answer(self, acks: list[list[Any]]) -> None:
         for item in acks:
@@ -102,6 +124,11 @@ class Forwarder:
             reply.answer(JournalUnavailable(why))
 
 
+_JSON = [(b"content-type", b"application/json")]
+_UNAVAILABLE: Answer = (503, _JSON, b'{"error": "main process unavailable"}')
+_TIMED_OUT: Answer = (504, _JSON, b'{"error": "main process did not answer in time"}')
+
+
 class Relay:
     """ASGI app that has the main process answer a request: the whole request goes down the
     link, the whole answer comes back."""
@@ -113,30 +140,36 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
-        body = await _read_body(receive, RELAY_MAX_BODY)
+        try:
+            body = await _read_body(receive, RELAY_MAX_BODY)
+        except _Disconnected:
+            return  # nobody to answer, nothing to ask
         if body is None:
             await _respond(send, 413, b'{"error": "body too large"}')
             return
-        answer = await self._ask(cast(HTTPScope, scope), body)
-        if answer is None:
-            await _respond(send, 503, b'{"error": "main process unavailable"}')
-            return
-        _, _, status, headers, text = answer
+        status, headers, answer = await self._ask(cast(HTTPScope, scope), body)
         await send(cast(Any, {"type": "http.response.start", "status": status,
-                              "headers": [(to_bytes(k), to_bytes(v)) for k, v in headers]}))
-        await send(cast(Any, {"type": "http.response.body", "body": to_bytes(text)}))
+                              "headers": headers}))
+        await send(cast(Any, {"type": "http.response.body", "body": answer}))
 
-    async def _ask(self, scope: HTTPScope, body: bytes) -> Frame | None:
+    async def _ask(self, scope: HTTPScope, body: bytes) -> Answer:
+        """The main process's answer; 503 if the link breaks, 504 if it does not come."""
         ident, done, answer = next(self._ids), trio.Event(), list[Frame]()
         self._waiting[ident] = (done, answer)
         try:
-            await self._link.send(["request", ident, scope_to_wire(scope), to_text(body)])
-            await done.wait()
+            with trio.move_on_after(RELAY_TIMEOUT):
+                await self._link.send(["request", ident, scope_to_wire(scope), to_text(body)])
+                await done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
+            return _UNAVAILABLE
         finally:
             self._waiting.pop(ident, None)
-        return answer[0] if answer else None
+        if not done.is_set():
+            return _TIMED_OUT  # the main process may still act on it, as after any timeout
+        if not answer:
+            return _UNAVAILABLE
+        _, _, status, headers, text = answer[0]
+        return status, [(to_bytes(k), to_bytes(v)) for k, v in headers], to_bytes(text)
 
     def answer(self, frame: Frame) -> None:
         waiting = self._waiting.get(frame[1])
@@ -149,12 +182,17 @@ class Relay:
             done.set()  # no answer: the caller gets a 503
 
 
+class _Disconnected(Exception):
+    """The client went away before its whole body arrived."""
+
+
 async def _read_body(receive: ASGIReceiveCallable, limit: int) -> bytes | None:
+    """The whole body; None once it is over `limit`."""
     chunks, size = [], 0
     while True:
         message: Any = await receive()
         if message["type"] != "http.request":
-            return b""
+            raise _Disconnected
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:
@@ -212,7 +250,7 @@ async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> Non
 def die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when the main process dies (Linux), so an orphan
     never keeps accepting on the listener; if it has died already, go now."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: the link's end still ends us
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: the link's end still ends us
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)

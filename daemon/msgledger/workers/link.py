@@ -33,7 +33,8 @@ from ..events import Ack, Event, JournalUnavailable
 
 Frame: TypeAlias = list[Any]
 _LENGTH = struct.Struct("!I")
-MAX_FRAME = 64 * 1024 * 1024  # bytes; a batch of 1,024 events of 64 KiB each fits
+MAX_FRAME = 64 * 1024 * 1024  # bytes; senders split batches to stay under it
+FRAME_BUDGET = MAX_FRAME // 2  # bytes of events a sender puts in one frame: ample slack
 _RECEIVE_SIZE = 256 * 1024  # bytes per read: a busy link delivers many frames at once
 
 
@@ -49,9 +50,17 @@ class Link:
         self._sending = trio.Lock()  # a frame's bytes must not interleave with another's
 
     async def send(self, frame: Frame) -> None:
-        data = orjson.dumps(frame)
+        await self.send_encoded(orjson.dumps(frame))
+
+    async def send_encoded(self, data: bytes) -> None:
+        """Send one frame already encoded as JSON. Shielded once it starts: half a frame
+        would leave the link unreadable for every frame after it. The peer is our own
+        process and always reads; a peer that stops reading is killed by the supervisor."""
+        if len(data) > MAX_FRAME:
+            raise LinkBroken(f"frame of {len(data)} bytes, over {MAX_FRAME}")
         async with self._sending:
-            await self._stream.send_all(_LENGTH.pack(len(data)) + data)
+            with trio.CancelScope(shield=True):
+                await self._stream.send_all(_LENGTH.pack(len(data)) + data)
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Every frame the other end sends, until it closes its end."""
@@ -77,7 +86,10 @@ def _split(buffer: bytearray) -> list[Frame]:
         end = start + _LENGTH.size + size
         if len(buffer) < end:
             break
-        frame = orjson.loads(memoryview(buffer)[start + _LENGTH.size:end])
+        try:
+            frame = orjson.loads(memoryview(buffer)[start + _LENGTH.size:end])
+        except orjson.JSONDecodeError as error:
+            raise LinkBroken(f"a frame that is not JSON: {error}") from error
         if not isinstance(frame, list) or not frame or not isinstance(frame[0], str):
             raise LinkBroken("a frame is a list that starts with its name")
         frames.append(frame)
@@ -92,6 +104,12 @@ def _split(buffer: bytearray) -> list[Frame]:
 def event_to_wire(ident: int, event: Event) -> list[Any]:
     return [ident, event.kind, event.source, event.at, event.sid, event.ref, event.status,
             event.data]
+
+
+def events_frame(encoded: list[bytes]) -> bytes:
+    """An `events` frame from events each already encoded (`orjson.dumps(event_to_wire)`),
+    so a sender can measure them before it builds the frame."""
+    return b'["events",[' + b",".join(encoded) + b"]]"
 
 
 def event_from_wire(item: list[Any]) -> tuple[int, Event]:

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-from hypercorn.typing import ASGIFramework
+from hypercorn.typing import ASGIFramework, HTTPScope
 
 from ..drain import drain_when
 from ..events import JournalIntake, JournalUnavailable, Reply, Submission
-from ..http.server import Front, address_bind
+from ..http.server import LISTEN_BACKLOG, Front, address_bind
 from ..http.state import ServerState
 from ..logs import get_logger
 from ..metrics import Metrics
@@ -41,12 +41,12 @@ from .link import (
 )
 from .relay import call_asgi, open_app
 
-LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
 START_TIMEOUT = 60.0  # seconds for a front to import and listen; a slow disk's cold start
 ACK_BACKLOG = 64  # batches a link has handed over and not yet acked: backpressure beyond
 RELAY_CONCURRENCY = 64  # relayed requests a link runs at once; /v1 is not the hot path
 RESTART_BACKOFF = (0.5, 30.0)  # seconds: first and longest wait before restarting a front
 STABLE_AFTER = 60.0  # seconds: a front that ran this long starts its backoff afresh
+LINK_END_GRACE = 5.0  # seconds a front may outlive its link: enough to log and exit
 log = get_logger("msgledger.supervisor")
 
 Waiting = list[tuple[int, Reply]]
@@ -110,8 +110,19 @@ async def run_fronts(intake: JournalIntake, deps: FrontDeps, count: int, stop: t
                 fronts.start_soon(_keep_front, intake.clone(), deps, worker, stop, event)
             with trio.fail_after(START_TIMEOUT):
                 for event in ready:
-                    await event.wait()
+                    await _either(event, stop)  # a stop while starting ends the wait
             task_status.started()
+
+
+async def _either(first: trio.Event, second: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+        for event in (first, second):
+            nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _close_on(stop: trio.Event, listener: socket.socket) -> None:
@@ -127,7 +138,11 @@ async def _keep_front(intake: JournalIntake, deps: FrontDeps, worker: int, stop:
     with intake:
         while True:
             started = trio.current_time()
-            code = await _run_front_once(intake, deps, worker, stop, ready)
+            try:
+                code = await _run_front_once(intake, deps, worker, stop, ready)
+            except OSError as error:  # no process (EAGAIN, ENOMEM...): try again later
+                log.error("front_spawn_failed", worker=worker, error=str(error))
+                code = -1
             if stop.is_set():
                 if code != 0:
                     log.warning("front_failed_drain", worker=worker, exit_code=code)
@@ -150,12 +165,14 @@ async def _run_front_once(intake: JournalIntake, deps: FrontDeps, worker: int,
             process = _spawn(worker, theirs.fileno(), deps.listener.fileno())
         finally:
             theirs.close()
-        link = Link(ours)
+        link, link_ended = Link(ours), trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_serve_link, link, intake.clone(), deps, worker, ready)
+                nursery.start_soon(_serve_link, link, intake.clone(), deps, worker, ready,
+                                   link_ended)
                 async with trio.open_nursery() as watching:
                     watching.start_soon(_drain_on, stop, link, process, deps.settings)
+                    watching.start_soon(_reap_after, link_ended, process)
                     code = await _wait_exit(process)
                     watching.cancel_scope.cancel()
         finally:
@@ -187,6 +204,16 @@ async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
     return process.wait()
 
 
+async def _reap_after(link_ended: trio.Event, process: subprocess.Popen[bytes]) -> None:
+    """A front whose link has ended can make nothing durable: if it has not gone on its own
+    shortly after (a drained front closes its link, then exits), kill it, so it is
+    restarted instead of answering 503 for ever."""
+    await link_ended.wait()
+    await trio.sleep(LINK_END_GRACE)
+    log.error("front_killed", pid=process.pid, why="its link ended")
+    process.kill()
+
+
 async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[bytes],
                     settings: Settings) -> None:
     """On `stop`, have the front drain; kill it if it outstays its deadline.
@@ -205,8 +232,8 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
 
 
 async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker: int,
-                      ready: trio.Event) -> None:
-    """Serve one front's link until the front closes it."""
+                      ready: trio.Event, ended: trio.Event) -> None:
+    """Serve one front's link until the front closes it or breaks it; then set `ended`."""
     acks, waiting = trio.open_memory_channel[Waiting](ACK_BACKLOG)
     with intake:
         async with trio.open_nursery() as nursery:
@@ -220,6 +247,7 @@ async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker
                         await served.dispatch(frame)
                 except (LinkBroken, trio.BrokenResourceError) as error:
                     log.error("link_broken", worker=worker, error=str(error))
+                ended.set()
 
 
 @dataclasses.dataclass
@@ -232,15 +260,25 @@ class _LinkServer:
     deps: FrontDeps
     relays: trio.Nursery
     ready: trio.Event
-    limiter: trio.CapacityLimiter = dataclasses.field(
-        default_factory=lambda: trio.CapacityLimiter(RELAY_CONCURRENCY))
+    relaying: trio.Semaphore = dataclasses.field(
+        default_factory=lambda: trio.Semaphore(RELAY_CONCURRENCY))
     reported: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
     async def dispatch(self, frame: Frame) -> None:
+        """Act on one frame; a frame of the wrong shape breaks the link (LinkBroken)."""
+        try:
+            await self._dispatch(frame)
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise LinkBroken(f"a malformed {frame[0]!r} frame: {error!r}") from error
+
+    async def _dispatch(self, frame: Frame) -> None:
         if frame[0] == "events":
             await self.acks.send(await _hand_over(self.intake, frame[1]))
         elif frame[0] == "request":
-            self.relays.start_soon(_relay, self.link, self.deps.app, frame, self.limiter)
+            ident, scope, body = frame[1], scope_from_wire(frame[2]), to_bytes(frame[3])
+            await self.relaying.acquire()  # a front asking too much waits here, not in memory
+            self.relays.start_soon(_relay, self.link, self.deps.app, ident, scope, body,
+                                   self.relaying)
         elif frame[0] == "tally":
             self.deps.metrics.add_callbacks(frame[1], self.reported)
         elif frame[0] == "ready":
@@ -278,11 +316,13 @@ async def _send_acks(link: Link, batches: trio.MemoryReceiveChannel[Waiting]) ->
                     gone = True
 
 
-async def _relay(link: Link, app: ASGIFramework, frame: Frame,
-                 limiter: trio.CapacityLimiter) -> None:
-    _, ident, scope, body = frame
-    async with limiter:
-        status, headers, answer = await call_asgi(app, scope_from_wire(scope), to_bytes(body))
+async def _relay(link: Link, app: ASGIFramework, ident: int, scope: HTTPScope, body: bytes,
+                 relaying: trio.Semaphore) -> None:
+    """Answer one relayed request, then give back its place (taken by `dispatch`)."""
+    try:
+        status, headers, answer = await call_asgi(app, scope, body)
+    finally:
+        relaying.release()
     # If the front has gone, so has the client it asked for.
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await link.send(["response", ident, status,
