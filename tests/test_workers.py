@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 import trio
-import trio.lowlevel
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +69,7 @@ async def received(raw: bytes, cuts: list[int]) -> list[list[Any]]:
             with theirs:
                 for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
                     theirs.sendall(raw[start:end])
-                    await trio.lowlevel.checkpoint()  # let the reader see each piece on its own
+                    await trio.testing.wait_all_tasks_blocked()  # the reader has taken it
 
         nursery.start_soon(write)
         frames = [frame async for frame in link.frames()]
