@@ -12,7 +12,8 @@ import signal
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msgledger.events import Event, JournalUnavailable, Reply, Submission
+from msgledger.metrics import Metrics
 from msgledger.workers import front, supervisor
 from msgledger.workers import link as wire
 from msgledger.workers.link import (
@@ -105,6 +107,7 @@ async def test_a_frame_sent_is_a_frame_received() -> None:
 @pytest.mark.parametrize("raw, why", [
     (struct.pack("!I", MAX_FRAME + 1), "over"),
     (struct.pack("!I", 10) + b"[1,", "middle of a frame"),
+    (struct.pack("!I", 3) + b"[1,", "not JSON"),
     (struct.pack("!I", 2) + b"{}", "starts with its name"),
     (struct.pack("!I", 3) + b"[1]", "starts with its name"),
 ])
@@ -161,6 +164,26 @@ async def test_forwarded_batches_stay_under_the_frame_budget(
     assert sids == [f"SM{n}" for n in range(20)]
     assert len(frames) > 1 and all(len(orjson.dumps(f)) <= 4000 + 64 for f in frames)
     assert isinstance(await replies[20].wait(), JournalUnavailable)
+
+
+@pytest.mark.parametrize("frame", [
+    ["events", [[1, "callback"]]],  # an event cut short
+    ["events", "not a list"],
+    ["request", 1],  # no scope, no body
+    ["request", 1, {"method": "GET"}, ""],  # a scope without its fields
+    ["tally", [["status", "200"]]],  # a total missing
+])
+async def test_a_malformed_frame_from_a_front_breaks_its_link(frame: list[Any]) -> None:
+    """A frame of the wrong shape from a front breaks that link (LinkBroken, so the front is
+    replaced), not the main process."""
+    intake, _inbox = trio.open_memory_channel[Submission](10)
+    acks, _waiting = trio.open_memory_channel[supervisor.Waiting](10)
+    deps = cast(supervisor.FrontDeps, SimpleNamespace(metrics=Metrics(), app=None))
+    async with trio.open_nursery() as nursery:
+        served = supervisor._LinkServer(cast(Link, None), intake, acks, deps, nursery,
+                                        trio.Event())
+        with pytest.raises(LinkBroken, match="malformed"):
+            await served.dispatch(frame)
 
 
 def test_events_and_acks_cross_unchanged() -> None:
