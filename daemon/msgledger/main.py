@@ -6,6 +6,10 @@ cascade: the first SIGTERM/SIGINT (or `stop`) marks the daemon draining and stop
 listener; hypercorn lets in-flight requests finish (`http.graceful_timeout`); the receiver's
 intake channel then closes, the journal commits what it holds and ends. A second signal
 cancels everything at once.
+
+With `http.workers` > 1 the HTTP front is N front processes instead (`workers/`): each
+holds its own clone of the intake through its link, drains on the same stop, and the
+journal ends after the last of them.
 """
 
 from __future__ import annotations
