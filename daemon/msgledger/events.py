@@ -116,6 +116,10 @@ class Submission:
 
 JournalInbox: TypeAlias = trio.MemoryReceiveChannel[Submission]
 JournalIntake: TypeAlias = trio.MemorySendChannel[Submission]
+# Events waiting for the journal (or a front's forwarder). A full batch's worth can queue
+# while the previous one commits; beyond that producers wait, which is the backpressure
+# that keeps memory flat.
+INTAKE_BUFFER = 1024
 
 
 async def journal(intake: JournalIntake, event: Event) -> Ack:
@@ -135,16 +139,23 @@ async def submit(intake: JournalIntake, event: Event, reply: Reply,
     that could not hand its event over by then, or found the journal closed, gets its
     answer (JournalUnavailable) on the reply too, so nothing else waits for it.
     """
-    submission = Submission(event, reply)
+    await hand_over(intake, Submission(event, reply), handed_by)
+    return await reply.wait()
+
+
+async def hand_over(intake: JournalIntake, submission: Submission,
+                    handed_by: float = math.inf) -> None:
+    """Put `submission` in the intake without waiting for its answer. A full intake pushes
+    back until the Trio time `handed_by`; past it, or with the journal closed, the reply is
+    answered JournalUnavailable here. Checkpoints only when it has to wait for room."""
     try:
-        intake.send_nowait(submission)  # the usual case: the wait below is the checkpoint
+        intake.send_nowait(submission)  # the usual case
     except trio.WouldBlock:
         refused = await _send_by(intake, submission, handed_by)
         if refused is not None:
-            reply.answer(refused)
+            submission.reply.answer(refused)
     except (trio.ClosedResourceError, trio.BrokenResourceError):
-        reply.answer(JournalUnavailable("journal is closed"))
-    return await reply.wait()
+        submission.reply.answer(JournalUnavailable("journal is closed"))
 
 
 async def _send_by(intake: JournalIntake, submission: Submission,

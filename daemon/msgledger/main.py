@@ -23,12 +23,11 @@ import trio
 from . import systemd
 from .deadlines import AckDeadlines
 from .drain import drain_when, watch_signals
-from .events import JournalIntake, Submission
+from .events import INTAKE_BUFFER, JournalIntake, Submission
 from .http.api import ApiDeps, create_app
 from .http.server import Front, address_bind, hypercorn_config, serve_http
-from .http.signature import SignatureChecker
 from .http.state import ServerState
-from .http.webhooks import WebhookReceiver
+from .http.webhooks import webhook_receiver
 from .journal import run_journal
 from .logs import get_logger
 from .metrics import Metrics
@@ -38,9 +37,6 @@ from .store import JournalWriter
 from .twilio_api import TwilioApi, TwilioConfig
 from .workers.supervisor import serve_by_fronts
 
-# Events waiting for the journal. A full batch's worth can queue while the previous one
-# commits; beyond that producers wait, which is the backpressure that keeps memory flat.
-INTAKE_BUFFER = 1024
 log = get_logger("msgledger.main")
 
 
@@ -95,12 +91,8 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
 def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: AckDeadlines,
            intake: JournalIntake) -> Front:
     """The HTTP front and everything it feeds; all of it shares one intake clone."""
-    receiver = None
-    if settings.webhooks:
-        assert settings.auth_token, "settings refuse webhooks without an auth token"
-        receiver = WebhookReceiver(
-            intake, SignatureChecker(settings.auth_token), state=state,
-            max_body=settings.max_body_bytes, deadlines=deadlines, metrics=metrics)
+    receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
+                                metrics=metrics)
     sender = Sender(intake, _twilio_api(settings), keep_body=settings.keep_body,
                     ack_timeout=settings.ack_timeout, public_url=lambda: str(state.public_url))
     app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,

@@ -24,6 +24,7 @@ from ..deadlines import AckDeadlines
 from ..events import Event, JournalIntake, JournalUnavailable, utc_now
 from ..logs import get_logger
 from ..metrics import Metrics
+from ..settings import Settings
 from .signature import SignatureChecker
 from .state import ServerState
 
@@ -84,14 +85,14 @@ class WebhookReceiver:
             outcome = await self._handle(route, scope, receive)
         except Refused as refused:
             outcome = Outcome(refused.http_status, refused.reason)
-        await _respond(send, outcome.http_status, outcome.reason)
+        await respond(send, outcome.http_status, outcome.reason)
         self._account(route, outcome, time.perf_counter() - started)
 
     async def _handle(self, route: Route, scope: Scope, receive: Receive) -> Outcome:
         if scope["method"] != "POST":
             raise Refused(405, "method not allowed")
-        headers = _headers(scope)
-        body = await _read_body(receive, headers, self.max_body)
+        headers = headers_of(scope)
+        body = await read_body(receive, headers, self.max_body)
         if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != FORM_TYPE:
             raise Refused(415, "expected application/x-www-form-urlencoded")
         pairs = _parse_form(body)
@@ -132,11 +133,22 @@ class WebhookReceiver:
             log.warning("callback_refused", reason=outcome.reason, **fields)
 
 
-def _headers(scope: Scope) -> dict[bytes, bytes]:
+def webhook_receiver(settings: Settings, intake: JournalIntake, *, state: ServerState,
+                     deadlines: AckDeadlines, metrics: Metrics) -> WebhookReceiver | None:
+    """The receiver `settings` ask for, or None when webhooks are off."""
+    if not settings.webhooks:
+        return None
+    assert settings.auth_token, "settings refuse webhooks without an auth token"
+    return WebhookReceiver(intake, SignatureChecker(settings.auth_token), state=state,
+                           max_body=settings.max_body_bytes, deadlines=deadlines,
+                           metrics=metrics)
+
+
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return {name.lower(): value for name, value in scope["headers"]}
 
 
-async def _read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:
+async def read_body(receive: Receive, headers: Mapping[bytes, bytes], limit: int) -> bytes:
     """The body, or Refused(413) as soon as it is known to exceed `limit`."""
     declared = headers.get(b"content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -193,7 +205,8 @@ def _debugger_sid(form: Mapping[str, str]) -> str | None:
     return sid if isinstance(sid, str) and sid[:2] in ("SM", "MM") else None
 
 
-async def _respond(send: Send, status: int, reason: str) -> None:
+async def respond(send: Send, status: int, reason: str) -> None:
+    """Empty for 200, else `{"error": reason}`."""
     body = b"" if status == 200 else json.dumps({"error": reason}).encode()
     headers = [(b"content-length", str(len(body)).encode())]
     if body:

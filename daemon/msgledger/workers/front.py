@@ -35,6 +35,7 @@ from .. import logs
 from ..deadlines import AckDeadlines
 from ..drain import drain_when, watch_signals
 from ..events import (
+    INTAKE_BUFFER,
     JournalInbox,
     JournalIntake,
     JournalUnavailable,
@@ -43,9 +44,17 @@ from ..events import (
     take_waiting,
 )
 from ..http.server import fd_bind, hypercorn_config, serve_http
-from ..http.signature import SignatureChecker
 from ..http.state import ServerState
-from ..http.webhooks import ROUTES, WebhookReceiver
+from ..http.webhooks import (
+    ROUTES,
+    Refused,
+    WebhookReceiver,
+    headers_of,
+    read_body,
+    respond,
+    webhook_receiver,
+)
+from ..journal import MAX_BATCH  # a frame holds what one commit may
 from ..metrics import Metrics
 from ..settings import Settings
 from .link import (
@@ -62,8 +71,6 @@ from .link import (
 )
 from .relay import Answer
 
-INTAKE_BUFFER = 1024  # as the main process's: a batch's worth queues while one is in flight
-MAX_BATCH = 1024  # events per frame, as the journal's batches
 RELAY_MAX_BODY = 1024 * 1024  # bytes; /v1 bodies are a few KiB, anything near this is abuse
 RELAY_TIMEOUT = 60.0  # seconds; a send retried on 429s may take a while, not this long
 TALLY_EVERY = 1.0  # seconds between webhook counter reports: /metrics lags by at most this
@@ -140,14 +147,13 @@ class Relay:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
-        try:
-            body = await _read_body(receive, RELAY_MAX_BODY)
-        except _Disconnected:
-            return  # nobody to answer, nothing to ask
-        if body is None:
-            await _respond(send, 413, b'{"error": "body too large"}')
+        http_scope = cast(HTTPScope, scope)
+        try:  # the webhooks' reader: 413 from Content-Length alone, 400 on a disconnect
+            body = await read_body(receive, headers_of(http_scope), RELAY_MAX_BODY)
+        except Refused as refused:
+            await respond(send, refused.http_status, refused.reason)
             return
-        status, headers, answer = await self._ask(cast(HTTPScope, scope), body)
+        status, headers, answer = await self._ask(http_scope, body)
         await send(cast(Any, {"type": "http.response.start", "status": status,
                               "headers": headers}))
         await send(cast(Any, {"type": "http.response.body", "body": answer}))
@@ -182,26 +188,7 @@ class Relay:
             done.set()  # no answer: the caller gets a 503
 
 
-class _Disconnected(Exception):
-    """The client went away before its whole body arrived."""
-
-
-async def _read_body(receive: ASGIReceiveCallable, limit: int) -> bytes | None:
-    """The whole body; None once it is over `limit`."""
-    chunks, size = [], 0
-    while True:
-        message: Any = await receive()
-        if message["type"] != "http.request":
-            raise _Disconnected
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _respond(send: ASGISendCallable, status: int, body: bytes) -> None:
+async def _send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     await send(cast(Any, {"type": "http.response.start", "status": status, "headers": headers}))
@@ -229,7 +216,7 @@ class FrontApp:
             await self._webhooks(scope, receive, send)
         elif scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
             state = self._state
-            await _respond(send, 200 if state.serving else 503, self._health[state.describe()])
+            await _send_json(send, 200 if state.serving else 503, self._health[state.describe()])
         else:
             await self._relay(scope, receive, send)
 
@@ -268,7 +255,9 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     forwarder, relay, metrics = Forwarder(link), Relay(link), Metrics()
     deadlines = AckDeadlines(settings.ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
-    app = FrontApp(_receiver(settings, intake, state, deadlines, metrics), relay, state, worker)
+    receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
+                                metrics=metrics)
+    app = FrontApp(receiver, relay, state, worker)
     config = hypercorn_config(fd_bind(listen_fd), settings.graceful_timeout)
     stop, lost = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
@@ -343,13 +332,3 @@ def _settings_from(frame: Frame) -> tuple[Settings, str]:
     if name != "settings":
         raise RuntimeError(f"the main process sent {name!r} before the settings")
     return Settings(**values), public_url
-
-
-def _receiver(settings: Settings, intake: trio.MemorySendChannel[Submission],
-              state: ServerState, deadlines: AckDeadlines,
-              metrics: Metrics) -> WebhookReceiver | None:
-    if not settings.webhooks or not settings.auth_token:
-        return None
-    return WebhookReceiver(intake, SignatureChecker(settings.auth_token), state=state,
-                           max_body=settings.max_body_bytes, deadlines=deadlines,
-                           metrics=metrics)

@@ -39,7 +39,8 @@ _RECEIVE_SIZE = 256 * 1024  # bytes per read: a busy link delivers many frames a
 
 
 class LinkBroken(Exception):
-    """The other end sent something that is not a frame: the link cannot be trusted."""
+    """A frame cannot cross: the other end sent something that is not a frame (the link
+    cannot be trusted after it), or a frame to send is over MAX_FRAME."""
 
 
 class Link:

@@ -23,7 +23,7 @@ import trio
 from hypercorn.typing import ASGIFramework, HTTPScope
 
 from ..drain import drain_when
-from ..events import JournalIntake, JournalUnavailable, Reply, Submission
+from ..events import JournalIntake, Reply, Submission, hand_over
 from ..http.server import LISTEN_BACKLOG, Front, address_bind
 from ..http.state import ServerState
 from ..logs import get_logger
@@ -47,6 +47,7 @@ RELAY_CONCURRENCY = 64  # relayed requests a link runs at once; /v1 is not the h
 RESTART_BACKOFF = (0.5, 30.0)  # seconds: first and longest wait before restarting a front
 STABLE_AFTER = 60.0  # seconds: a front that ran this long starts its backoff afresh
 LINK_END_GRACE = 5.0  # seconds a front may outlive its link: enough to log and exit
+DRAIN_MARGIN = 5.0  # seconds past graceful_timeout + ack_timeout before a draining front is killed
 log = get_logger("msgledger.supervisor")
 
 Waiting = list[tuple[int, Reply]]
@@ -223,7 +224,7 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
     await stop.wait()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await link.send(["drain"])
-    await trio.sleep(settings.graceful_timeout + settings.ack_timeout + 5.0)
+    await trio.sleep(settings.graceful_timeout + settings.ack_timeout + DRAIN_MARGIN)
     log.error("front_killed", pid=process.pid, why="did not drain in time")
     process.kill()
 
@@ -291,13 +292,7 @@ async def _hand_over(intake: JournalIntake, items: Sequence[list[Any]]) -> Waiti
     for item in items:
         ident, event = event_from_wire(item)
         reply = Reply()
-        try:
-            try:
-                intake.send_nowait(Submission(event, reply))
-            except trio.WouldBlock:  # the journal is behind: the front waits, and so on back
-                await intake.send(Submission(event, reply))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            reply.answer(JournalUnavailable("journal is closed"))
+        await hand_over(intake, Submission(event, reply))  # a full intake holds the front back
         waiting.append((ident, reply))
     return waiting
 
