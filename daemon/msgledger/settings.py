@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 ENV_PREFIX = "MSGLEDGER_"
 
@@ -37,7 +37,9 @@ class Settings:
     graceful_timeout: float  # seconds
     webhooks: bool
     workers: int  # processes serving HTTP: 1 is the main one, more are that many fronts
+    read_timeout: float  # seconds a request body may take to arrive in full
     store_path: str
+    checkpoint_interval: float  # seconds between journal_checkpoint lines while it grows
     keep_body: str  # "full" | "hash" | "none"
     account_sid: str | None
     auth_token: str | None
@@ -90,11 +92,18 @@ def parse_url(raw: object) -> str:
         raise ValueError(f"expected scheme://host[:port], got {raw!r}")
     if parts.path or parts.query or parts.fragment:
         raise ValueError(f"expected no path, query or fragment, got {raw!r}")
+    if "@" in parts.netloc:  # Twilio signs without them; and they would land in every event
+        raise ValueError(f"expected no user:password@ in the URL, got {_redacted(parts)!r}")
     try:
         parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
     except ValueError:
         raise ValueError(f"expected a port from 0 to 65535, got {raw!r}") from None
     return text
+
+
+def _redacted(parts: SplitResult) -> str:
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 def parse_bool(raw: object) -> bool:
@@ -112,6 +121,28 @@ def parse_positive_int(raw: object) -> int:
     if isinstance(raw, bool) or not str(raw).strip().isdigit() or int(str(raw)) < 1:
         raise ValueError(f"expected a positive whole number, got {raw!r}")
     return int(str(raw))
+
+
+MAX_WORKERS = 64  # front processes; far past any core count this daemon is sized for
+
+
+def parse_workers(raw: object) -> int:
+    workers = parse_positive_int(raw)
+    if workers > MAX_WORKERS:
+        raise ValueError(f"expected at most {MAX_WORKERS}, got {raw!r}")
+    return workers
+
+
+def parse_store_path(raw: object) -> str:
+    """A file name, taken as a path and nothing else: SQLite reads `:memory:` (and, in a
+    URI, `?mode=memory`) as "keep nothing on disk", which would acknowledge every callback
+    and keep none."""
+    path = _text(raw)
+    if path == ":memory:" or path.startswith("file:"):
+        raise ValueError(f"expected the path of a file, got {raw!r}")
+    if "\0" in path:
+        raise ValueError("expected the path of a file, got a NUL character")
+    return path
 
 
 def parse_daily_at(raw: object) -> str:
@@ -146,10 +177,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "ack_timeout": (parse_positive_duration, "5s"),  # under Twilio's 15 s read timeout
         "graceful_timeout": (parse_duration, "10s"),
         "webhooks": (parse_bool, True),
-        "workers": (parse_positive_int, 1),  # processes serving HTTP; the journal stays in one
+        "workers": (parse_workers, 1),  # processes serving HTTP; the journal stays in one
+        "read_timeout": (parse_positive_duration, "10s"),  # a body that stops arriving
     },
     "store": {
-        "path": (_text, "msgledger.db"),
+        "path": (parse_store_path, "msgledger.db"),
+        "checkpoint_interval": (parse_positive_duration, "1m"),
         "keep_body": (_one_of("full", "hash", "none"), "full"),
     },
     "twilio": {
@@ -203,6 +236,8 @@ def _read_toml(path: str | Path) -> dict[str, dict[str, object]]:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}): TOML files are UTF-8") from e
     for section, values in document.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a [{section}] table")
@@ -272,7 +307,9 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         graceful_timeout=p["http.graceful_timeout"],
         webhooks=p["http.webhooks"],
         workers=p["http.workers"],
+        read_timeout=p["http.read_timeout"],
         store_path=p["store.path"],
+        checkpoint_interval=p["store.checkpoint_interval"],
         keep_body=p["store.keep_body"],
         account_sid=sid,
         auth_token=p["twilio.auth_token"],
