@@ -57,30 +57,43 @@ async def _commit(batch: Sequence[Submission], writer: JournalWriter,
 
 
 def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> list[Ack]:
-    """Commit the batch at once. If one event's content made it fail (a constraint), commit
-    each event alone so the bad one answers for itself, not for its whole batch. A store
-    that cannot write at all (busy, full, read-only, I/O) fails the batch as it is: trying
-    each event alone would only hold the journal up N times as long."""
+    """Commit the batch at once. If something in it made that fail (a constraint, text that
+    cannot be encoded, a value SQLite cannot hold), commit each event alone, so a bad one
+    answers for itself and not for its whole batch. A store that cannot write at all (busy,
+    full, read-only, I/O) fails the batch as it is: trying each event alone would only hold
+    the journal up N times as long."""
     try:
         return list(writer.append([s.event for s in batch]))
     except sqlite3.OperationalError as error:
         log.error("journal_commit_failed", error=str(error), events=len(batch))
         return [JournalUnavailable(str(error))] * len(batch)
-    except sqlite3.Error as error:
+    except Exception as error:  # the batch's content: isolate it
         if len(batch) == 1:
-            log.error("journal_commit_failed", error=str(error), events=1)
-            return [JournalUnavailable(str(error))]
-        log.error("journal_batch_failed", error=str(error), events=len(batch))
+            return [_refused(batch[0], error)]
+        log.error("journal_batch_failed", error=_describe(error), events=len(batch))
     return [_append_one(writer, s) for s in batch]
 
 
 def _append_one(writer: JournalWriter, submission: Submission) -> Ack:
     try:
         return writer.append([submission.event])[0]
-    except sqlite3.Error as error:
-        log.error("journal_commit_failed", error=str(error), kind=submission.event.kind,
-                  sid=submission.event.sid, ref=submission.event.ref)
+    except sqlite3.OperationalError as error:
+        log.error("journal_commit_failed", error=str(error), events=1)
         return JournalUnavailable(str(error))
+    except Exception as error:  # this event's own content: it alone fails
+        return _refused(submission, error)
+
+
+def _refused(submission: Submission, error: Exception) -> JournalUnavailable:
+    event = submission.event
+    log.error("journal_event_refused", error=_describe(error), kind=event.kind,
+              source=event.source)
+    return JournalUnavailable(f"event cannot be stored: {type(error).__name__}")
+
+
+def _describe(error: Exception) -> str:
+    """The error in one short line: its text may quote the event's (hostile) content."""
+    return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def _answer(submission: Submission, ack: Ack) -> None:
