@@ -128,6 +128,44 @@ def test_export_csv_with_header(capsys: pytest.CaptureFixture[str], config: str)
     assert {"sid", "ref", "to", "from", "created_at", "updated_at"} <= set(CSV_FIELDS)
 
 
+def test_export_csv_cells_never_run_as_formulas(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A cell that starts with =, +, -, @, a tab or a CR gets a leading quote, so no
+    spreadsheet evaluates a body or a number that came from outside."""
+    db = tmp_path / "formula.db"
+    writer = store.JournalWriter.open(str(db))
+    writer.append([Event("send_requested", "api", at(1), ref="=HYPERLINK(1)", status="@x",
+                         data={"to": "+15005550006", "from": "-1", "body": "=cmd|' /C calc'!A0"})])
+    writer.close()
+    config = tmp_path / "formula.toml"
+    config.write_text(f'[store]\npath = "{db}"\n')
+    code, out, _ = run(capsys, "export", "--config", str(config), "--format", "csv")
+    [row] = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0
+    assert (row["ref"], row["status"], row["to"], row["from"], row["body"]) == (
+        "'=HYPERLINK(1)", "'@x", "'+15005550006", "'-1", "'=cmd|' /C calc'!A0")
+    assert row["created_at"] == at(1)  # what starts otherwise is left as it is
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "existing-file"])
+def test_export_file_is_private_whatever_the_umask(tmp_path: Path, config: str,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   existing: bool) -> None:
+    """`export -o` leaves a file only its owner can read, even under umask 000 and over a
+    file that was world-readable."""
+    out = tmp_path / "export.jsonl"
+    if existing:
+        out.write_text("old")
+        out.chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        code, _, _ = run(capsys, "export", "--config", config, "-o", str(out))
+    finally:
+        os.umask(old_umask)
+    assert code == 0 and out.stat().st_mode & 0o777 == 0o600
+    assert len(out.read_text().splitlines()) == 3
+
+
 @pytest.mark.parametrize(("args", "sids"), [
     (["--since", "2024-05-02"], [SID_Y, SID_Z]),
     (["--until", "2024-05-02"], [SID_X, SID_Y]),

@@ -151,6 +151,12 @@ def test_durations(text: str, seconds: float) -> None:
     ('[twilio]\naccount_sid = "SM0123456789abcdef0123456789abcdef"\n', "twilio.account_sid"),
     ('[store]\nkeep_body = "some"\n', "store.keep_body"),
     ('[store]\npath = ""\n', "store.path"),
+    ('[store]\npath = ":memory:"\n', "store.path"),
+    ('[store]\npath = "file:ledger.db?mode=memory"\n', "store.path"),
+    ('[http]\nworkers = 65\n', "http.workers"),
+    ('[http]\npublic_url = "https://user:secret@ledger.example.com"\n', "http.public_url"),
+    ('[http]\nread_timeout = "0s"\n', "http.read_timeout"),
+    ('[store]\ncheckpoint_interval = "soon"\n', "store.checkpoint_interval"),
 ])
 def test_bad_file_value_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
     """A wrong key or value in the file raises ConfigError whose message starts with the key."""
@@ -258,3 +264,16 @@ def test_public_url_is_required_beyond_loopback() -> None:
     assert given.public_url == "https://l.example.com"
     off = settings.load(None, environ={**base, "MSGLEDGER_HTTP_WEBHOOKS": "false"})
     assert off.webhooks is False
+
+
+def test_credentials_in_public_url_are_refused_unprinted(tmp_path: Path) -> None:
+    """A public_url carrying user:password@ is refused, and the password is not echoed."""
+    message = config_error(write(tmp_path, '[http]\npublic_url = "https://u:s3cret@x.example"\n'))
+    assert "s3cret" not in message and "user:password" in message
+
+
+def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A config file that is not UTF-8 is a ConfigError naming the file, not a traceback."""
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[http]\nlisten = "caf\xe9:1"\n')
+    assert config_error(path).startswith(f"{path}: not UTF-8")

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import datetime as dt
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterable, Sequence
@@ -64,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.add_argument("--output", "-o", help="file to write (default: stdout)")
     export.set_defaults(command=cmd_export)
-    verify = commands.add_parser("verify", help="check the hash chain and the projection")
+    verify = commands.add_parser("verify", help="check the file, the hash chain and the"
+                                 " projection (and the checkpoints logged, with --log)")
+    verify.add_argument("--log", metavar="FILE",
+                        help="the daemon's JSON log lines: check every journal_checkpoint"
+                             " in it against the store")
     verify.set_defaults(command=cmd_verify)
     status = commands.add_parser("status", help="counts by status and journal size")
     status.set_defaults(command=cmd_status)
@@ -163,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     since = args.since.isoformat() if args.since else None
     until = (args.until + dt.timedelta(days=1)).isoformat() if args.until else None
     with contextlib.ExitStack() as stack:
-        out: TextIO = (stack.enter_context(open(args.output, "w", newline=""))
+        out: TextIO = (stack.enter_context(_private_file(args.output))
                        if args.output else sys.stdout)
         conn = store.connect(settings.store_path, readonly=True)
         stack.callback(conn.close)
@@ -172,6 +177,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         (_write_csv if args.format == "csv" else _write_jsonl)(records, out)
         conn.execute("COMMIT")
     return 0
+
+
+def _private_file(path: str) -> TextIO:
+    """`path` for writing, readable by its owner only whatever the umask: an export holds
+    phone numbers, bodies and replayable signatures."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was already there keeps its mode otherwise
+    return open(fd, "w", newline="", encoding="utf-8")
 
 
 def _write_jsonl(records: Iterable[store.Record], out: TextIO) -> None:
@@ -185,15 +198,45 @@ def _write_csv(records: Iterable[store.Record], out: TextIO) -> None:
     for record in records:
         row = dict(record, flags=";".join(record["flags"]),
                    history=json.dumps(record["history"], ensure_ascii=False))
-        writer.writerow(row)
+        writer.writerow({k: _inert(v) for k, v in row.items()})
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV
+# injection"); a body or a number from outside could start with any of them.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: object) -> object:
+    """`value` as a cell no spreadsheet evaluates: a leading quote, as OWASP advises.
+    (A phone number then reads '+1555..., which is how such tools show it too.)"""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = config.load(args.config, require_secrets=False)
     result = store.verify(settings.store_path)
-    print(json.dumps({"ok": result.ok, "events": result.events, "messages": result.messages,
-                      "first_bad_seq": result.first_bad_seq, "reason": result.reason}))
-    return 0 if result.ok else 1
+    report = {"ok": result.ok, "events": result.events, "messages": result.messages,
+              "first_bad_seq": result.first_bad_seq, "reason": result.reason}
+    if result.ok and args.log is not None:
+        report.update(_check_log(settings.store_path, args.log))
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
+def _check_log(store_path: str, log_path: str) -> dict[str, object]:
+    """verify's report fields for the checkpoints in `log_path` (read as a stream: a log
+    may be large), checked against one snapshot of the store."""
+    try:
+        log_file = open(log_path, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError as e:
+        return {"ok": False, "checkpoints": 0, "reason": f"{log_path}: {e.strerror}"}
+    conn = store.connect(store_path, readonly=True)
+    with log_file, contextlib.closing(conn):
+        conn.execute("BEGIN")
+        checked = store.check_checkpoints(conn, store.read_checkpoints(log_file))
+    bad = checked.contradicted
+    return {"ok": checked.reason == "", "checkpoints": checked.checked,
+            "first_bad_seq": bad.seq if bad else None, "reason": checked.reason}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

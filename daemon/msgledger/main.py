@@ -21,6 +21,7 @@ from functools import partial
 import trio
 
 from . import systemd
+from .checkpoints import log_checkpoint, run_checkpoints
 from .deadlines import AckDeadlines
 from .drain import drain_when, watch_signals
 from .events import INTAKE_BUFFER, JournalIntake, Submission
@@ -58,10 +59,12 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
         async with trio.open_nursery() as root:
             if handle_signals:
                 root.start_soon(watch_signals, stop, root.cancel_scope)
+            root.start_soon(run_checkpoints, lambda: writer.tail, settings.checkpoint_interval)
             await _run_services(settings, stop, writer, task_status)
-            root.cancel_scope.cancel()  # everything drained: end the signal watcher
+            root.cancel_scope.cancel()  # everything drained: end the watchers
     finally:
         writer.close()
+    log_checkpoint(writer.tail)  # the head as it stands at exit, whatever the interval
     log.info("daemon_stopped", last_seq=writer.last_seq)
 
 

@@ -1,5 +1,12 @@
 """The SQLite store: the append-only journal, its projection, and the queries on them."""
 
+from ._checkpoints import (
+    CHECKPOINT_EVENT,
+    Checkpoint,
+    CheckpointResult,
+    check_checkpoints,
+    read_checkpoints,
+)
 from ._projection import FINAL, RANK, MessageState, apply, rank
 from ._reader import (
     Record,
@@ -13,8 +20,10 @@ from ._reader import (
 )
 from ._schema import connect
 from ._verify import VerifyResult, verify
-from ._writer import ChainBroken, JournalWriter
+from ._writer import ChainBroken, JournalWriter, Tail
 
-__all__ = ["FINAL", "RANK", "ChainBroken", "JournalWriter", "MessageState", "Record",
-           "VerifyResult", "apply", "connect", "find_record", "iter_records", "journal_size",
-           "list_records", "overdue_backlog", "overdue_cutoff", "rank", "status_counts", "verify"]
+__all__ = ["CHECKPOINT_EVENT", "FINAL", "RANK", "ChainBroken", "Checkpoint", "CheckpointResult",
+           "JournalWriter", "MessageState", "Record", "Tail", "VerifyResult", "apply",
+           "check_checkpoints", "connect", "find_record", "iter_records", "journal_size",
+           "list_records", "overdue_backlog", "overdue_cutoff", "rank", "read_checkpoints",
+           "status_counts", "verify"]

@@ -35,7 +35,7 @@ class ChainBroken(Exception):
         self.why = why
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tail:
     seq: int
     hash: str
@@ -59,6 +59,12 @@ class JournalWriter:
     @property
     def last_seq(self) -> int:
         return self._tail.seq
+
+    @property
+    def tail(self) -> Tail:
+        """The last committed row's seq and hash (replaced whole on commit, so safe to read
+        from the Trio thread while a commit runs)."""
+        return self._tail
 
     def append(self, events: Sequence[Event]) -> list[int]:
         """Journal and project `events` in one transaction; their sequence numbers."""
