@@ -215,8 +215,9 @@ def _inert(value: object) -> object:
 def cmd_verify(args: argparse.Namespace) -> int:
     settings = config.load(args.config, require_secrets=False)
     result = store.verify(settings.store_path)
-    report = {"ok": result.ok, "events": result.events, "messages": result.messages,
-              "first_bad_seq": result.first_bad_seq, "reason": result.reason}
+    report: dict[str, object] = {
+        "ok": result.ok, "events": result.events, "messages": result.messages,
+        "first_bad_seq": result.first_bad_seq, "reason": result.reason}
     if result.ok and args.log is not None:
         report.update(_check_log(settings.store_path, args.log))
     print(json.dumps(report))
