@@ -71,7 +71,7 @@ class SimKnobs:
 class Dice:
     """The simulator's single source of randomness."""
 
-    def __init__(self, seed: int | None) -> None:
+    def __init__(self, seed: int | str | None) -> None:
         self._rng = random.Random(seed)
 
     def chance(self, probability: float) -> bool:

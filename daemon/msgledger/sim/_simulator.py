@@ -56,7 +56,9 @@ class Simulator:
         self.knobs = knobs
         self.base_url = base_url
         self.stats = SimStats()
-        self.dice = Dice(knobs.seed)
+        self.dice = Dice(knobs.seed)  # API requests: faults and SIDs, in request order
+        # Lifecycles roll their own dice: their timing must not shift the requests' rolls.
+        self._lifecycle_dice = Dice(None if knobs.seed is None else f"{knobs.seed}:lifecycle")
         self._store = MessageStore()
         self._lifecycles = nursery
         self._deliver = deliver
@@ -179,8 +181,8 @@ class Simulator:
         )
 
     def _start_lifecycle(self, message: SimMessage) -> None:
-        steps = plan_steps(message, self.knobs, self.dice)
-        outbox = CallbackOutbox(self.knobs, self.dice, self._deliver, self.stats)
+        steps = plan_steps(message, self.knobs, self._lifecycle_dice)
+        outbox = CallbackOutbox(self.knobs, self._lifecycle_dice, self._deliver, self.stats)
         if self._running == 0:
             self._idle = trio.Event()
         self._running += 1
