@@ -295,3 +295,16 @@ def test_console_script_exit_codes(config: str, db: Path) -> None:
     bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
     assert (good.returncode, json.loads(good.stdout)["ok"]) == (0, True)
     assert (bad.returncode, json.loads(bad.stdout)["first_bad_seq"]) == (1, 2)
+
+
+@pytest.mark.parametrize("command", ["export", "status"])
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, command: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """export and status on a file SQLite cannot read say so in one line, exit 1."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(bytes(range(256)) * 32)
+    config = tmp_path / "junk.toml"
+    config.write_text(f'[store]\npath = "{junk}"\n')
+    code, out, err = run(capsys, command, "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and "cannot be read" in err

@@ -464,6 +464,7 @@ def test_a_taken_message_id_fails_loudly(writer: store.JournalWriter, path: str)
     fails its batch rather than overwriting another message's row."""
     writer.append([callback(SID_X, "sent", at(1, 1))])
     writer.append([callback(SID_Y, "sent", at(1, 2))])
+    writer.close()  # one writer at a time: the store is locked while it is open
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("UPDATE sqlite_sequence SET seq = 1 WHERE name = 'messages'")
     conn.close()

@@ -166,6 +166,27 @@ async def test_forwarded_batches_stay_under_the_frame_budget(
     assert isinstance(await replies[20].wait(), JournalUnavailable)
 
 
+async def test_an_event_that_cannot_be_encoded_fails_alone() -> None:
+    """An event carrying text that is not Unicode (a lone surrogate) is answered 503 by the
+    front's forwarder; its neighbours go down the link and the front lives on."""
+    left, right = socket.socketpair()
+    forwarder, reader = front.Forwarder(Link(left)), Link(right)
+    intake, inbox = trio.open_memory_channel[Submission](10)
+    replies = [Reply() for _ in range(3)]
+    for n, reply in enumerate(replies):
+        text = "SM\ud800" if n == 1 else f"SM{n}"
+        intake.send_nowait(Submission(Event("debugger", "debugger", "t", sid=f"SM{n}",
+                                            data={"params": [["Payload", text]]}), reply))
+    intake.close()
+    with trio.fail_after(10):
+        await forwarder.run(inbox)
+        await forwarder._link.close()
+        frames = [frame async for frame in reader.frames()]
+        await reader.close()
+        assert isinstance(await replies[1].wait(), JournalUnavailable)
+    assert [item[4] for frame in frames for item in frame[1]] == ["SM0", "SM2"]
+
+
 @pytest.mark.parametrize("frame", [
     ["events", [[1, "callback"]]],  # an event cut short
     ["events", "not a list"],

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterable, Sequence
 from functools import partial
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"msgledger: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except sqlite3.DatabaseError as e:  # export, status: a file SQLite cannot read
+        print(f"msgledger: the store cannot be read: {e}", file=sys.stderr)
+        return EXIT_STORE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,8 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except store.ChainBroken as broken:
         log.error("journal_chain_broken", seq=broken.seq, why=broken.why)
         return EXIT_BROKEN_CHAIN
-    except (OSError, ExceptionGroup) as error:  # cannot bind the listener, open the store...
-        failed, rest = error.split(OSError) if isinstance(error, ExceptionGroup) else (error, None)
+    except (OSError, store.StoreError, ExceptionGroup) as error:  # cannot bind, no store...
+        failed, rest = (error.split((OSError, store.StoreError))
+                        if isinstance(error, ExceptionGroup) else (error, None))
         if failed is None or rest is not None:
             raise  # not (only) a start-up failure: a bug, and its traceback belongs in the log
         log.error("start_failed", error=_describe(failed), listen=settings.listen_host,

@@ -6,13 +6,18 @@ event's sequence number, or with `JournalUnavailable` when the commit failed. A 
 commit does not end the actor: it logs loudly, answers 503-worthy errors, and tries again
 with the next batch, so the daemon recovers by itself when the disk does. Ends when every
 producer has closed its clone of the intake channel and the inbox is drained.
+
+After each batch it tells `health` whether the store commits: None once a commit succeeds,
+the reason when the store could not commit at all (a batch refused only for its content
+says nothing). A store removed or replaced under the writer (StoreLost) fails every batch
+from then on, and is logged once.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -20,14 +25,23 @@ from .deadlines import AckDeadlines
 from .events import Ack, JournalInbox, JournalUnavailable, Submission, take_waiting
 from .logs import get_logger
 from .metrics import Metrics
-from .store import JournalWriter
+from .store import JournalWriter, StoreLost
 
 MAX_BATCH = 1024  # events per transaction: bounds one commit's latency, far above the load
 log = get_logger("msgledger.journal")
+Health = Callable[[str | None], None]  # why the store cannot commit now, or None if it can
+
+
+class StoreFailing(JournalUnavailable):
+    """The store could not commit at all, whatever the events: /healthz says so too."""
+
+
+def _nobody(_: str | None) -> None:
+    """Health reported to no one (a journal run without an HTTP front: tests, bench)."""
 
 
 async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Metrics,
-                      deadlines: AckDeadlines,
+                      deadlines: AckDeadlines, health: Health = _nobody,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Commit everything the inbox delivers, in batches, until the inbox is closed.
 
@@ -41,19 +55,31 @@ async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Me
             task_status.started()
             async for first in inbox:
                 batch = take_waiting(inbox, first, MAX_BATCH)
-                await _commit(batch, writer, limiter, metrics)
+                await _commit(batch, writer, limiter, metrics, health)
             nursery.cancel_scope.cancel()  # every submission is answered: nobody waits
-    log.info("journal_closed", last_seq=writer.last_seq)
+    log.info("journal_closed", last_seq=writer.last_seq,
+             refused_batches=writer.refused_batches)
 
 
 async def _commit(batch: Sequence[Submission], writer: JournalWriter,
-                  limiter: trio.CapacityLimiter, metrics: Metrics) -> None:
+                  limiter: trio.CapacityLimiter, metrics: Metrics, health: Health) -> None:
     started = time.perf_counter()
     acks = await trio.to_thread.run_sync(_append_or_isolate, writer, batch, limiter=limiter)
     metrics.commit_seconds.observe(time.perf_counter() - started)
     metrics.batch_size.observe(len(batch))
+    _report(acks, health)  # first: a client told 503 then probing /healthz hears why
     for submission, ack in zip(batch, acks, strict=True):
         _answer(submission, ack)
+
+
+def _report(acks: Sequence[Ack], health: Health) -> None:
+    """None if anything committed; the store's failure if the batch met one."""
+    if any(isinstance(ack, int) for ack in acks):  # the first ack, nearly always
+        health(None)
+        return
+    failing = next((ack for ack in acks if isinstance(ack, StoreFailing)), None)
+    if failing is not None:
+        health(str(failing))
 
 
 def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> list[Ack]:
@@ -64,9 +90,8 @@ def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> li
     the journal up N times as long."""
     try:
         return list(writer.append([s.event for s in batch]))
-    except sqlite3.OperationalError as error:
-        log.error("journal_commit_failed", error=str(error), events=len(batch))
-        return [JournalUnavailable(str(error))] * len(batch)
+    except (sqlite3.OperationalError, StoreLost) as error:
+        return [_store_failed(error, len(batch))] * len(batch)
     except Exception as error:  # the batch's content: isolate it
         if len(batch) == 1:
             return [_refused(batch[0], error)]
@@ -77,11 +102,22 @@ def _append_or_isolate(writer: JournalWriter, batch: Sequence[Submission]) -> li
 def _append_one(writer: JournalWriter, submission: Submission) -> Ack:
     try:
         return writer.append([submission.event])[0]
-    except sqlite3.OperationalError as error:
-        log.error("journal_commit_failed", error=str(error), events=1)
-        return JournalUnavailable(str(error))
+    except (sqlite3.OperationalError, StoreLost) as error:
+        return _store_failed(error, 1)
     except Exception as error:  # this event's own content: it alone fails
         return _refused(submission, error)
+
+
+def _store_failed(error: sqlite3.OperationalError | StoreLost, events: int) -> StoreFailing:
+    """A store that cannot commit: the batch fails as it is, and the log says why. A lost
+    store is logged once: every batch after it fails the same way, 1,000 a second at load
+    (`writer.refused_batches` counts them)."""
+    if isinstance(error, StoreLost):
+        if error.first:
+            log.error("store_lost", error=str(error), events=events)
+    else:
+        log.error("journal_commit_failed", error=str(error), events=events)
+    return StoreFailing(str(error))
 
 
 def _refused(submission: Submission, error: Exception) -> JournalUnavailable:

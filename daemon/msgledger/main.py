@@ -75,7 +75,7 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
     deadlines = AckDeadlines(settings.ack_timeout)
     async with trio.open_nursery() as services:
         await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
-                                     deadlines=deadlines))
+                                     deadlines=deadlines, health=state.report_store))
         with intake:
             front = _front(settings, state, metrics, deadlines, intake.clone())
             serve = (_serve_front if settings.workers == 1
@@ -113,13 +113,13 @@ def _twilio_api(settings: Settings) -> TwilioApi | None:
         backoff=settings.twilio_retry_backoff))
 
 
-async def _serve_front(front: Front, settings: Settings, state: ServerState, _: Metrics,
+async def _serve_front(front: Front, settings: Settings, state: ServerState, metrics: Metrics,
                        stop: trio.Event, *,
                        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP from this process; once the last request has finished, close the front's
     journal intake."""
     config = hypercorn_config(address_bind(settings.listen_host, settings.listen_port),
-                              settings.graceful_timeout)
+                              settings, metrics)
     with front.intake:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(serve_http, front, config,

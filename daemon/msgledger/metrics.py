@@ -12,6 +12,8 @@ from prometheus_client.exposition import generate_latest
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+TallyKey = tuple[str, tuple[tuple[str, str], ...]]  # a counter's name, its labels sorted
+
 
 class Metrics:
     """Every metric the daemon exports."""
@@ -22,6 +24,12 @@ class Metrics:
         self.callbacks = Counter(
             "msgledger_callbacks", "Webhook requests by route and outcome",
             ["route", "outcome"], registry=self.registry)
+        self.connection_errors = Counter(
+            "msgledger_connection_errors",
+            "Connections ended early, by reason: http2_refused, body_timeout, failed",
+            ["reason"], registry=self.registry)
+        # The counters a front keeps and reports to the main process (`tally`), by name.
+        self._tallied = {"callbacks": self.callbacks, "connection_errors": self.connection_errors}
         self.commit_seconds = Histogram(
             "msgledger_journal_commit_seconds", "Time to commit one batch, thread hop included",
             buckets=_COMMIT_BUCKETS, registry=self.registry)
@@ -29,17 +37,20 @@ class Metrics:
             "msgledger_journal_batch_size", "Events per journal commit",
             buckets=_BATCH_BUCKETS, registry=self.registry)
 
-    def callback_totals(self) -> list[list[Any]]:
-        """`[route, outcome, total]` for each webhook counter: what a front reports."""
-        return [[sample.labels["route"], sample.labels["outcome"], sample.value]
-                for metric in self.callbacks.collect() for sample in metric.samples
+    def tally(self) -> list[list[Any]]:
+        """`[counter, {label: value}, total]` for each sample of the counters a front keeps:
+        what it reports to the main process."""
+        return [[name, sample.labels, sample.value]
+                for name, counter in self._tallied.items()
+                for metric in counter.collect() for sample in metric.samples
                 if sample.name.endswith("_total")]
 
-    def add_callbacks(self, totals: list[list[Any]], before: dict[tuple[str, str], float]) -> None:
-        """Count what a front's `totals` add to what it reported `before` (kept up to date)."""
-        for route, outcome, total in totals:
-            key = (route, outcome)
-            self.callbacks.labels(route, outcome).inc(max(0.0, total - before.get(key, 0.0)))
+    def add_tally(self, tally: list[list[Any]], before: dict[TallyKey, float]) -> None:
+        """Count what a front's `tally` adds to what it reported `before` (kept up to date)."""
+        for name, given, total in tally:
+            labels = dict(given)  # TypeError or ValueError if it is not one: a malformed frame
+            key = (name, tuple(sorted(labels.items())))
+            self._tallied[name].labels(**labels).inc(max(0.0, total - before.get(key, 0.0)))
             before[key] = total
 
     def render(self) -> bytes:

@@ -66,13 +66,15 @@ class StoreReader:
 
 def create_app(deps: ApiDeps) -> QuartTrio:
     app = QuartTrio("msgledger")
+    app.config["MAX_CONTENT_LENGTH"] = payloads.MAX_JSON_BYTES  # larger bodies: 413, unread
     reader = StoreReader(deps.store_path)
     guarded = _bearer(deps.api_token)
 
     @app.get("/healthz")
     async def healthz() -> Reply:
         # worker 0 is the main process; fronts (http.workers > 1) answer for themselves
-        return jsonify(status=deps.state.describe(), worker=0), 200 if deps.state.serving else 503
+        status, body = deps.state.health()
+        return jsonify({**body, "worker": 0}), status
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -103,16 +105,16 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     @app.get("/v1/messages")
     @guarded
     async def list_messages() -> Reply:
-        return await _list(deps, reader, payloads.list_query(request.args.to_dict()))
+        return await _list(deps, reader, payloads.list_query(request.args.items(multi=True)))
 
     return app
 
 
 async def _json() -> object:
-    payload = await request.get_json(force=True, silent=True)
-    if payload is None:
-        raise payloads.Invalid("body", "malformed JSON")
-    return payload
+    """The body as JSON, parsed here: Quart's own parser answers 500 for bytes that are not
+    UTF-8 and lets a deeply nested body raise RecursionError."""
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    return payloads.parse_json(raw)
 
 
 async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> Reply:
@@ -136,8 +138,13 @@ async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> Repl
 
 async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration) -> Reply:
     existing = await reader.record(r.sid)
-    if existing is not None and any(h["kind"] == "register" for h in existing["history"]):
-        return jsonify(existing), 200  # idempotent on the SID
+    if existing is not None:
+        field = _contradicted(existing, r)
+        if field is not None:  # the store would keep the first and drop this one silently
+            return jsonify({**existing, "field": field,
+                            "error": f"{r.sid} is already recorded with another {field}"}), 409
+        if _registration_of(existing) is not None:
+            return jsonify(existing), 200  # idempotent on the SID and its fields
     data: dict[str, Any] = {"to": r.to, "from": r.from_}
     if r.body is not None:
         data.update(body_fields(r.body, deps.keep_body))
@@ -147,6 +154,34 @@ async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration
     if isinstance(ack, JournalUnavailable):
         return jsonify(error=str(ack)), 503
     return jsonify(await reader.record(r.sid)), 201
+
+
+def _registration_of(record: store.Record) -> dict[str, Any] | None:
+    """The history entry of the record's first registration, if it was registered."""
+    return next((h for h in record["history"] if h["kind"] == "register"), None)
+
+
+def _contradicted(record: store.Record, r: payloads.Registration) -> str | None:
+    """The first field of `r` that differs from what `record` already holds for its SID.
+
+    A ref contradicts any other ref the record has (or, once registered, its lack of one).
+    The rest is compared with the first registration only: callbacks move the record's own
+    status on, and a message never registered has nothing else to contradict. An optional
+    field left out (ref, body) contradicts nothing.
+    """
+    first = _registration_of(record)
+    if r.ref is not None and r.ref != record["ref"] and (
+            first is not None or record["ref"] is not None):
+        return "ref"
+    if first is None:
+        return None
+    data = first["data"]
+    given = {"status": r.status, "to": r.to, "from": r.from_}
+    held = {"status": first.get("status"), "to": data.get("to"), "from": data.get("from")}
+    if r.body is not None:
+        given["body"] = body_fields(r.body, "none")["body_sha256"]
+        held["body"] = data.get("body_sha256")
+    return next((name for name, value in given.items() if value != held[name]), None)
 
 
 async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> Reply:

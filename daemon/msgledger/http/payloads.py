@@ -1,33 +1,85 @@
 """Validation of the JSON bodies and query strings `/v1` accepts.
 
 Every error names the field, and nothing is sent or journaled for a request that fails
-here: a 400 is always safe for the caller to correct and retry.
+here: a 400 is always safe for the caller to correct and retry. Everything a client sends
+is checked here, at the edge, so no text reaches the journal that it cannot store: bodies
+are strict UTF-8 JSON objects without repeated keys, every string must be encodable as
+UTF-8 (a JavaScript client that cuts a string inside an emoji sends a lone surrogate), and
+numbers and instants are range-checked before Python's own limits can raise.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..sender import SendRequest
+from .webhooks import SID, SID_SHAPED  # defined with the receiver: the front imports it alone
 
 REF = re.compile(r"[A-Za-z0-9._:\-]{1,64}")  # safe in a URL query, readable in a log line
-SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
 SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
+DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit also takes '²' and '٣'
 MAX_BODY_CHARS = 1600  # Twilio's own limit for a message body
 MAX_PAGE = 1000
+MAX_JSON_BYTES = 64 * 1024  # a 1,600-character body of 6-byte \u escapes and the rest fit
+MAX_TEXT = 256  # characters in any other string field or query parameter
+MAX_NAME_ECHO = 64  # characters of a (hostile) field name quoted back in an error
 
 
 class Invalid(Exception):
     """A request field is missing or malformed; answered 400 naming the field."""
 
     def __init__(self, field: str, why: str) -> None:
+        field = _printable(field)
         super().__init__(f"{field}: {why}")
         self.field = field
+
+
+def _printable(name: str) -> str:
+    """`name` as an answer can quote it: UTF-8 clean and short."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")[:MAX_NAME_ECHO]
+
+
+def _encodable(text: str) -> bool:
+    """False for text UTF-8 cannot hold (a lone surrogate): the journal could not store it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_json(raw: bytes) -> object:
+    """A request body as JSON: strict UTF-8, no repeated keys, any nesting the parser can
+    take. Anything else is Invalid naming `body` (or the repeated key)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid("body", "not UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:  # the C parser's own limit: nested deeper than it recurses
+        raise Invalid("body", "nested too deeply") from None
+    except ValueError:  # malformed, or an integer past Python's 4,300-digit limit
+        raise Invalid("body", "malformed JSON") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all distinct: which of two values counts is ambiguous (a
+    proxy may have checked the first), so a repeated key is refused, not picked."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise Invalid(key, "given more than once")
+        found[key] = value
+    return found
 
 
 def _object(payload: object, allowed: set[str]) -> Mapping[str, Any]:
@@ -40,7 +92,7 @@ def _object(payload: object, allowed: set[str]) -> Mapping[str, Any]:
 
 
 def _string(payload: Mapping[str, Any], name: str, *, required: bool = True,
-            pattern: re.Pattern[str] | None = None, max_len: int = 256) -> str | None:
+            pattern: re.Pattern[str] | None = None, max_len: int = MAX_TEXT) -> str | None:
     value = payload.get(name)
     if value is None:
         if required:
@@ -48,9 +100,18 @@ def _string(payload: Mapping[str, Any], name: str, *, required: bool = True,
         return None
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise Invalid(name, f"expected a non-empty string of at most {max_len} characters")
+    if not _encodable(value):
+        raise Invalid(name, "not valid Unicode text (a lone surrogate: half a UTF-16 pair)")
     if pattern is not None and not pattern.fullmatch(value):
         raise Invalid(name, f"does not match {pattern.pattern}")
     return value
+
+
+def _ref(payload: Mapping[str, Any]) -> str | None:
+    ref = _string(payload, "ref", required=False, pattern=REF)
+    if ref is not None and SID_SHAPED.fullmatch(ref):
+        raise Invalid("ref", "has the shape of a message SID; a ref must not")
+    return ref
 
 
 def new_ref() -> str:
@@ -66,7 +127,7 @@ def send_request(payload: object) -> SendRequest:
     if (from_ is None) == (service is None):
         raise Invalid("from", "give exactly one of from and messaging_service_sid")
     body = _string(p, "body", max_len=MAX_BODY_CHARS)
-    ref = _string(p, "ref", required=False, pattern=REF) or new_ref()
+    ref = _ref(p) or new_ref()
     assert to is not None and body is not None
     return SendRequest(to, from_, service, body, ref)
 
@@ -87,8 +148,7 @@ def registration(payload: object) -> Registration:
     values = [_string(p, name, pattern=SID if name == "sid" else None)
               for name in ("sid", "to", "from", "status")]
     sid, to, from_, status = (str(v) for v in values)
-    return Registration(sid, to, from_, status,
-                        _string(p, "ref", required=False, pattern=REF),
+    return Registration(sid, to, from_, status, _ref(p),
                         _string(p, "body", required=False, max_len=MAX_BODY_CHARS))
 
 
@@ -102,18 +162,31 @@ class ListQuery:
     limit: int
 
 
-def list_query(args: Mapping[str, str]) -> ListQuery:
-    unknown = sorted(set(args) - {"status", "overdue", "since", "until", "cursor", "limit"})
-    if unknown:
-        raise Invalid(unknown[0], "unknown parameter")
+LIST_PARAMETERS = frozenset({"status", "overdue", "since", "until", "cursor", "limit"})
+
+
+def list_query(pairs: Iterable[tuple[str, str]]) -> ListQuery:
+    """`GET /v1/messages`: the query's (name, value) pairs, each name at most once."""
+    args = _parameters(pairs)
     return ListQuery(
-        status=args.get("status") or None,
+        status=_string(args, "status", required=False) if args.get("status") else None,
         overdue=_flag(args, "overdue"),
         since=_instant(args, "since"),
         until=_instant(args, "until"),
         after=_whole(args, "cursor", 0, 0, 2**62),
         limit=_whole(args, "limit", 100, 1, MAX_PAGE),
     )
+
+
+def _parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in LIST_PARAMETERS:
+            raise Invalid(name, "unknown parameter")
+        if name in args:  # which one counts is ambiguous: refused, as in bodies
+            raise Invalid(name, "given more than once")
+        args[name] = value
+    return args
 
 
 def _flag(args: Mapping[str, str], name: str) -> bool:
@@ -129,10 +202,10 @@ def _instant(args: Mapping[str, str], name: str) -> str | None:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise Invalid(name, "expected an ISO 8601 date or time") from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.UTC)
+        if parsed.tzinfo is not None:  # past year 9999 or before year 1 once in UTC
+            parsed = parsed.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
+        raise Invalid(name, "expected an ISO 8601 date or time from year 1 to 9999 UTC") from None
     return parsed.replace(tzinfo=dt.UTC).isoformat(timespec="microseconds")
 
 
@@ -140,6 +213,6 @@ def _whole(args: Mapping[str, str], name: str, default: int, minimum: int, maxim
     value = args.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not minimum <= int(value) <= maximum:
+    if not DIGITS.fullmatch(value) or not minimum <= int(value) <= maximum:
         raise Invalid(name, f"expected a whole number from {minimum} to {maximum}")
     return int(value)

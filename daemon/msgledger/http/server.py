@@ -1,5 +1,7 @@
 """The HTTP front: one ASGI app that sends the webhook routes down the lean path and
-everything else to Quart, served by hypercorn's trio worker."""
+everything else to Quart, served by hypercorn's trio worker over msgledger's connection
+layer (`connections.py`: HTTP/1.1 only, a deadline per request body, one connection's
+failure kept to itself)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ..events import JournalIntake
+from ..metrics import Metrics
+from ..settings import Settings
+from . import connections
+from .connections import ConnectionConfig
 from .webhooks import ROUTES, WebhookReceiver
 
 KEEP_ALIVE_MAX_REQUESTS = 100_000  # a proxy's pooled connection should not churn every 1,000
@@ -50,20 +55,23 @@ def fd_bind(fd: int) -> str:
     return f"fd://{fd}"
 
 
-def hypercorn_config(bind: str, graceful_timeout: float) -> Config:
-    config = Config()
+def hypercorn_config(bind: str, settings: Settings, metrics: Metrics) -> ConnectionConfig:
+    config = ConnectionConfig(metrics, body_timeout=settings.read_timeout)
     config.bind = [bind]
-    config.graceful_timeout = graceful_timeout
+    config.graceful_timeout = settings.graceful_timeout
     config.backlog = LISTEN_BACKLOG  # hypercorn listens again with it, fd:// sockets too
     config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
     config.accesslog = None  # webhooks log their own canonical line
     config.errorlog = logging.getLogger("hypercorn.error")
+    # config.read_timeout stays None: it bounds every read, idle keep-alive included, and
+    # restarts on each byte. The connection layer bounds each body instead.
     return config
 
 
-async def serve_http(app: ASGIFramework, config: Config,
+async def serve_http(app: ASGIFramework, config: ConnectionConfig,
                      shutdown: Callable[[], Awaitable[Any]], *,
                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until `shutdown` returns, then finish in-flight requests (graceful_timeout)."""
+    connections.install()
     await serve(app, config, shutdown_trigger=shutdown, task_status=task_status)

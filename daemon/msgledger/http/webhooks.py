@@ -5,11 +5,14 @@ and form parsing cost about a third of each request (DESIGN.md figures), `parse_
 the same work in a fraction of it. The order of checks is the contract:
 size (413) -> content type (415) -> signature (403, nothing journaled) -> required fields
 (400) -> journal -> 200 only once the event is committed, 503 if not within `ack_timeout`.
+Anything else that goes wrong is answered 500, counted and logged (`callback_failed`), like
+every other outcome: no request escapes to hypercorn unanswered by us.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +31,10 @@ from ..settings import Settings
 from .signature import SignatureChecker
 from .state import ServerState
 
+SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")  # a message SID, as Twilio makes them
+# A ref of this shape could be taken for a SID (GET /v1/messages/{key} tries both), so no
+# ref may have it; any case, so no lookup that folds case could ever mix the two up.
+SID_SHAPED = re.compile(r"(?i:SM|MM)[0-9a-fA-F]{32}")
 MAX_FORM_FIELDS = 200  # Twilio sends about 15; more is abuse, not a callback
 FORM_TYPE = b"application/x-www-form-urlencoded"
 # Headers kept with each event: Twilio's own (the signature lets an auditor re-check the
@@ -55,6 +62,7 @@ class Outcome:
     reason: str
     event: Event | None = None
     seq: int | None = None
+    error: str | None = None  # the type of an unexpected exception: answered 500
 
 
 class Refused(Exception):
@@ -85,8 +93,12 @@ class WebhookReceiver:
             outcome = await self._handle(route, scope, receive)
         except Refused as refused:
             outcome = Outcome(refused.http_status, refused.reason)
-        await respond(send, outcome.http_status, outcome.reason)
-        self._account(route, outcome, time.perf_counter() - started)
+        except Exception as error:  # a bug of ours or the server's; trio.Cancelled passes
+            outcome = Outcome(500, "internal error", error=type(error).__name__)
+        try:
+            await respond(send, outcome.http_status, outcome.reason)
+        finally:  # counted even if the answer cannot be sent: the outcome stands
+            self._account(route, outcome, time.perf_counter() - started)
 
     async def _handle(self, route: Route, scope: Scope, receive: Receive) -> Outcome:
         if scope["method"] != "POST":
@@ -129,6 +141,8 @@ class WebhookReceiver:
             fields.update(sid=event.sid, ref=event.ref, status=event.status, seq=outcome.seq)
         if outcome.http_status == 200:
             log.info("callback_journaled", **fields)
+        elif outcome.error is not None:
+            log.error("callback_failed", error=outcome.error, **fields)
         else:
             log.warning("callback_refused", reason=outcome.reason, **fields)
 
@@ -186,6 +200,11 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
         raise Refused(400, f"missing {', '.join(missing)}")
     query = scope.get("query_string", b"")
     ref = parse_qs(query.decode("latin-1")).get("ref", [None])[0] if query else None
+    if ref is not None and SID_SHAPED.fullmatch(ref):
+        # Our StatusCallback URLs never carry such a ref (`/v1` refuses them); a URL set by
+        # someone else might. The event is kept (URL and all) but links by its SID alone,
+        # so no ref can ever be looked up as, or in place of, a SID.
+        ref = None
     data = {"params": pairs, "url": url, "headers": {  # pairs are stored as JSON arrays
         k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
         if k.startswith(KEPT_HEADER_PREFIXES)}}
@@ -196,13 +215,15 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
 
 
 def _debugger_sid(form: Mapping[str, str]) -> str | None:
-    """The message an alert is about, when its Payload names one (TWILIO.md §5)."""
+    """The message an alert is about, when its Payload names one (TWILIO.md §5). A Payload
+    that is not JSON, or names something that is not a message SID, links nothing: the
+    alert is journaled on its own, its Payload verbatim in the params."""
     try:
         payload = json.loads(form.get("Payload", ""))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
         return None
     sid = payload.get("resource_sid") if isinstance(payload, dict) else None
-    return sid if isinstance(sid, str) and sid[:2] in ("SM", "MM") else None
+    return sid if isinstance(sid, str) and SID.fullmatch(sid) else None
 
 
 async def respond(send: Send, status: int, reason: str) -> None:

@@ -7,6 +7,7 @@ from ._checkpoints import (
     check_checkpoints,
     read_checkpoints,
 )
+from ._file import StoreError, StoreLost
 from ._projection import FINAL, RANK, MessageState, apply, rank
 from ._reader import (
     Record,
@@ -23,7 +24,7 @@ from ._verify import VerifyResult, verify
 from ._writer import ChainBroken, JournalWriter, Tail
 
 __all__ = ["CHECKPOINT_EVENT", "FINAL", "RANK", "ChainBroken", "Checkpoint", "CheckpointResult",
-           "JournalWriter", "MessageState", "Record", "Tail", "VerifyResult", "apply",
-           "check_checkpoints", "connect", "find_record", "iter_records", "journal_size",
-           "list_records", "overdue_backlog", "overdue_cutoff", "rank", "read_checkpoints",
-           "status_counts", "verify"]
+           "JournalWriter", "MessageState", "Record", "StoreError", "StoreLost", "Tail",
+           "VerifyResult", "apply", "check_checkpoints", "connect", "find_record",
+           "iter_records", "journal_size", "list_records", "overdue_backlog", "overdue_cutoff",
+           "rank", "read_checkpoints", "status_counts", "verify"]

@@ -7,11 +7,16 @@ WAL with synchronous=FULL: a COMMIT returns only once the WAL is fsynced.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
+
+from ._file import StoreError
 
 SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64  # the `prev_hash` of sequence number 1
 BUSY_TIMEOUT_MS = 5000  # a checkpoint or an exporter may hold a lock briefly
+STORE_TABLES = frozenset({"meta", "journal", "messages", "message_events"})
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -64,26 +69,73 @@ CREATE INDEX IF NOT EXISTS message_events_by_message ON message_events (message_
 """
 
 
+def store_uri(path: str, *, readonly: bool = False) -> str:
+    """The SQLite URI of exactly the file `path` names, for the writer and every reader: a
+    `?`, `#`, `%` or space in the name is escaped as part of the name, never read as a URI
+    parameter (`x.db?mode=memory` would keep nothing on disk). `mode=rw` for the writer:
+    the file is already created, 0600, by `_file`, and SQLite must not make another."""
+    return f"{Path(path).absolute().as_uri()}?mode={'ro' if readonly else 'rw'}"
+
+
+def wal_path(path: str) -> str:
+    """Where SQLite keeps the store's WAL: beside the file a symlink leads to."""
+    return os.path.realpath(path) + "-wal"
+
+
 def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode; callers open their own transactions.
+    """A connection in autocommit mode; callers open their own transactions. The writer
+    then calls `prepare`.
 
     `check_same_thread=False` because Trio's worker threads vary; the owner guarantees that
     one thread at a time uses it (a CapacityLimiter of 1).
     """
-    uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(store_uri(path, readonly=readonly), uri=True, isolation_level=None,
+                           check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
     return conn
 
 
-def create(conn: sqlite3.Connection) -> None:
-    """Create the tables if they are missing and check the schema version."""
-    conn.executescript(DDL)
+def prepare(conn: sqlite3.Connection, path: str) -> None:
+    """Make the writer's database the store: refuse one that holds something else (before
+    anything is written to it), then WAL, and the tables if it is new."""
+    is_store = check_store(conn, path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    if not is_store:
+        create(conn)
+
+
+def check_store(conn: sqlite3.Connection, path: str) -> bool:
+    """Whether the database holds a msgledger store this version reads (False: it holds
+    nothing yet); StoreError if it holds anything else."""
+    tables = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+    if not tables:
+        return False
+    if not STORE_TABLES.issubset(tables):
+        others = ", ".join(sorted(tables - STORE_TABLES)[:3]) or "only some of its tables"
+        raise StoreError(path, f"not a msgledger store (it holds {others})")
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None:
-        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) != SCHEMA_VERSION:
-        raise RuntimeError(f"store schema version {row[0]}, this msgledger reads {SCHEMA_VERSION}")
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        raise StoreError(path, _version_problem(None if row is None else row[0]))
+    return True
+
+
+def _version_problem(found: object) -> str:
+    if found is None:
+        return "not a msgledger store (it records no schema version)"
+    try:
+        version = int(str(found))
+    except ValueError:
+        return f"not a msgledger store (schema version {found!r})"
+    if version > SCHEMA_VERSION:
+        return (f"schema version {version} is newer than this msgledger reads"
+                f" ({SCHEMA_VERSION}): run a newer msgledger")
+    return f"schema version {version} is older than this msgledger reads ({SCHEMA_VERSION})"
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """Create the tables and record the schema version, all in one transaction: a crash
+    part-way leaves an empty database, never tables without their version."""
+    conn.executescript(f"BEGIN IMMEDIATE;\n{DDL}\nINSERT INTO meta VALUES"
+                       f" ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")

@@ -3,6 +3,12 @@
 Owned by the journal actor and used from one worker thread at a time. The chain's tail
 (last sequence number and hash) advances only after a COMMIT succeeds, so a failed batch
 (disk full, read-only file) leaves nothing half-written and the next batch carries on.
+
+After each COMMIT, before anything is acknowledged, it checks that the store's names still
+lead to the files it writes (`_file.HeldFiles.moved`: one stat per file per batch). A store
+removed or replaced under it is lost for good: what it commits from then on could never be
+read back, so it refuses every batch (StoreLost) until a restart opens the file that is
+there now.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from dataclasses import dataclass
 from ..events import Event
 from ._bulk import insert_rows
 from ._chain import canonical_json, row_hash
+from ._file import HeldFiles, StoreError, StoreLost
 from ._messages import Projector
-from ._schema import GENESIS_HASH, connect, create
+from ._schema import GENESIS_HASH, connect, prepare, wal_path
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
 JOURNAL_INTO = ("INSERT INTO journal"
@@ -44,17 +51,38 @@ class Tail:
 class JournalWriter:
     """The single writer of the store."""
 
-    def __init__(self, conn: sqlite3.Connection, tail: Tail) -> None:
+    def __init__(self, conn: sqlite3.Connection, tail: Tail, files: HeldFiles) -> None:
         self._conn = conn
         self._tail = tail
         self._projector = Projector(conn)
+        self._files = files
+        self._lost: str | None = None  # why the store's names lead elsewhere now
+        self.refused_batches = 0  # batches refused since (StoreLost raised)
 
     @classmethod
     def open(cls, path: str) -> JournalWriter:
-        """Open (or create) the store and check the tail of its chain."""
-        conn = connect(path)
-        create(conn)
-        return cls(conn, check_tail(conn, TAIL_CHECK_ROWS))
+        """Open (or create) the store as its only writer and check the tail of its chain.
+
+        StoreError if `path` cannot be the store: missing directory, not a file, in use by
+        another daemon, not a msgledger store (or a newer one), not readable by SQLite.
+        ChainBroken if its tail does not check out.
+        """
+        files = HeldFiles.open(path)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect(path)
+            prepare(conn, path)
+            tail = check_tail(conn, TAIL_CHECK_ROWS)
+            wal = wal_path(path)  # it holds committed rows until a checkpoint: watch it too
+            files.watch(wal, f"its WAL {wal}")
+            return cls(conn, tail, files)
+        except BaseException as error:
+            if conn is not None:
+                conn.close()  # before the fds: see `_file`
+            files.close()
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(path, f"SQLite cannot use it: {error}") from error
+            raise
 
     @property
     def last_seq(self) -> int:
@@ -67,7 +95,14 @@ class JournalWriter:
         return self._tail
 
     def append(self, events: Sequence[Event]) -> list[int]:
-        """Journal and project `events` in one transaction; their sequence numbers."""
+        """Journal and project `events` in one transaction; their sequence numbers.
+
+        StoreLost, committed or not, once the store's files are no longer at their names:
+        then none of the batch may be acknowledged.
+        """
+        if self._lost is not None:
+            self.refused_batches += 1
+            raise StoreLost(self._files.path, self._lost, first=False)
         rows = self._chain(events)
         self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -82,7 +117,22 @@ class JournalWriter:
             self._projector.reset()  # its batch's states were never committed
             raise
         self._tail = Tail(rows[-1][0], rows[-1][-1]) if rows else self._tail
+        self._check_names()
         return [row[0] for row in rows]
+
+    def _check_names(self) -> None:
+        """StoreLost unless the store's names still lead to the files this writer holds."""
+        moved = self._files.moved()
+        if moved is None:
+            return
+        self._lost = f"{moved}; nothing is acknowledged until msgledger restarts"
+        self.refused_batches += 1
+        # Let go now: SQLite hands the WAL back to the file it belongs to and removes the
+        # WAL's name (if still ours), so a restart does not replay it into the file that
+        # took the store's place.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+        raise StoreLost(self._files.path, self._lost, first=True)
 
     def _chain(self, events: Sequence[Event]) -> list[JournalRow]:
         """The journal rows for `events`, each hashed onto the one before."""
@@ -105,6 +155,7 @@ class JournalWriter:
 
     def close(self) -> None:
         self._conn.close()
+        self._files.close()  # after the connection: see `_file`
 
 
 def check_tail(conn: sqlite3.Connection, rows: int) -> Tail:

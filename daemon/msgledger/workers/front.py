@@ -4,7 +4,8 @@ sends everything else to the main process over its link.
 - `/twilio/*`: the same `WebhookReceiver` as the main process, fed by a local intake whose
   consumer (`Forwarder`) sends each batch of checked events down the link. The reply is
   answered by the main process's ack, so a 200 still means "committed by the journal".
-- `/healthz`: answered here, for this process (a load balancer probes each one).
+- `/healthz`: answered here, for this process (a load balancer probes each one), and for
+  the store, as the main process last reported it (`health` frames).
 - everything else (`/v1`, `/metrics`): relayed whole to the main process's Quart app.
 
 Ends on SIGTERM/SIGINT by draining like the main process (stop accepting, finish in-flight
@@ -17,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hmac
 import itertools
 import os
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +31,6 @@ from typing import Any, cast
 import orjson
 import structlog
 import trio
-from hypercorn.config import Config
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from .. import logs
@@ -43,6 +45,7 @@ from ..events import (
     Submission,
     take_waiting,
 )
+from ..http.connections import ConnectionConfig
 from ..http.server import fd_bind, hypercorn_config, serve_http
 from ..http.state import ServerState
 from ..http.webhooks import (
@@ -65,15 +68,18 @@ from .link import (
     ack_from_wire,
     event_to_wire,
     events_frame,
+    health_from_wire,
     scope_to_wire,
     to_bytes,
     to_text,
 )
 from .relay import Answer
 
+# What Quart routes to /v1: werkzeug merges repeated slashes, so "//v1" gets there too.
+_API_PATH = re.compile(r"/+v1(/|$)")
 RELAY_MAX_BODY = 1024 * 1024  # bytes; /v1 bodies are a few KiB, anything near this is abuse
 RELAY_TIMEOUT = 60.0  # seconds; a send retried on 429s may take a while, not this long
-TALLY_EVERY = 1.0  # seconds between webhook counter reports: /metrics lags by at most this
+TALLY_EVERY = 1.0  # seconds between counter reports: /metrics lags by at most this
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 log = logs.get_logger("msgledger.front")
 
@@ -104,7 +110,11 @@ class Forwarder:
         size = 0
         for submission in batch:
             ident = next(self._ids)
-            data = orjson.dumps(event_to_wire(ident, submission.event))
+            try:
+                data = orjson.dumps(event_to_wire(ident, submission.event))
+            except orjson.JSONEncodeError:  # text that is not Unicode: it fails alone
+                submission.reply.answer(JournalUnavailable("event cannot be stored"))
+                continue
             if len(data) > FRAME_BUDGET:  # far beyond any http.max_body_bytes in use
                 submission.reply.answer(JournalUnavailable("event too large to forward"))
                 continue
@@ -138,16 +148,25 @@ _TIMED_OUT: Answer = (504, _JSON, b'{"error": "main process did not answer in ti
 
 class Relay:
     """ASGI app that has the main process answer a request: the whole request goes down the
-    link, the whole answer comes back."""
+    link, the whole answer comes back.
 
-    def __init__(self, link: Link) -> None:
+    A `/v1` request must carry the API's bearer token before its body is even read: an
+    anonymous client cannot make the main process take a megabyte from it. Same rule as
+    `api._bearer`: no token configured, no `/v1` request is let through.
+    """
+
+    def __init__(self, link: Link, api_token: str | None) -> None:
         self._link = link
         self._ids = itertools.count()
         self._waiting: dict[int, tuple[trio.Event, list[Frame]]] = {}
+        self._bearer = f"Bearer {api_token}".encode() if api_token else None
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
         http_scope = cast(HTTPScope, scope)
+        if _API_PATH.match(http_scope["path"]) and not self._authorized(http_scope):
+            await respond(send, 401, "missing or wrong bearer token")
+            return
         try:  # the webhooks' reader: 413 from Content-Length alone, 400 on a disconnect
             body = await read_body(receive, headers_of(http_scope), RELAY_MAX_BODY)
         except Refused as refused:
@@ -157,6 +176,12 @@ class Relay:
         await send(cast(Any, {"type": "http.response.start", "status": status,
                               "headers": headers}))
         await send(cast(Any, {"type": "http.response.body", "body": answer}))
+
+    def _authorized(self, scope: HTTPScope) -> bool:
+        """As `api._bearer` reads it: the first Authorization header, as Quart decodes it."""
+        given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        return self._bearer is not None and hmac.compare_digest(
+            given.decode("latin-1").encode(), self._bearer)
 
     async def _ask(self, scope: HTTPScope, body: bytes) -> Answer:
         """The main process's answer; 503 if the link breaks, 504 if it does not come."""
@@ -203,8 +228,7 @@ class FrontApp:
         self._webhooks = webhooks
         self._relay = relay
         self._state = state
-        self._health = {s: f'{{"status":"{s}","worker":{worker}}}'.encode()
-                        for s in ("starting", "ready", "draining")}
+        self._worker = worker
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
@@ -215,8 +239,8 @@ class FrontApp:
         elif self._webhooks is not None and scope["path"] in ROUTES:
             await self._webhooks(scope, receive, send)
         elif scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
-            state = self._state
-            await _send_json(send, 200 if state.serving else 503, self._health[state.describe()])
+            status, body = self._state.health()
+            await _send_json(send, status, orjson.dumps({**body, "worker": self._worker}))
         else:
             await self._relay(scope, receive, send)
 
@@ -252,17 +276,17 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     logs.configure(settings.log_level)
     structlog.contextvars.bind_contextvars(worker=worker)
     state = ServerState(public_url=public_url)
-    forwarder, relay, metrics = Forwarder(link), Relay(link), Metrics()
+    forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token), Metrics()
     deadlines = AckDeadlines(settings.ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
                                 metrics=metrics)
     app = FrontApp(receiver, relay, state, worker)
-    config = hypercorn_config(fd_bind(listen_fd), settings.graceful_timeout)
+    config = hypercorn_config(fd_bind(listen_fd), settings, metrics)
     stop, lost = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals, stop, nursery.cancel_scope)
-        nursery.start_soon(_read_link, frames, forwarder, relay, stop, lost,
+        nursery.start_soon(_read_link, frames, forwarder, relay, state, stop, lost,
                            nursery.cancel_scope)
         nursery.start_soon(deadlines.run)
         nursery.start_soon(_report_tallies, link, metrics)
@@ -273,14 +297,14 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
             state.ready = True
             await link.send(["ready"])
             log.info("front_ready", pid=os.getpid())
-        await _send_tally(link, metrics.callback_totals())  # every request answered: final
+        await _send_tally(link, metrics.tally())  # every request answered: final
         nursery.cancel_scope.cancel()
     await link.close()
     log.info("front_stopped")
     return 1 if lost.is_set() else 0
 
 
-async def _serve(app: FrontApp, config: Config, intake: JournalIntake,
+async def _serve(app: FrontApp, config: ConnectionConfig, intake: JournalIntake,
                  shutdown: Callable[[], Awaitable[None]], *,
                  task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP; once the last request has finished, close the intake (ends the
@@ -290,15 +314,19 @@ async def _serve(app: FrontApp, config: Config, intake: JournalIntake,
 
 
 async def _read_link(frames: AsyncIterator[Frame], forwarder: Forwarder, relay: Relay,
-                     stop: trio.Event, lost: trio.Event, everything: trio.CancelScope) -> None:
-    """Dispatch the main process's answers and its drain request. The main process never
-    closes a link first, so its end means it is gone: fail whoever waits (503) and end."""
+                     state: ServerState, stop: trio.Event, lost: trio.Event,
+                     everything: trio.CancelScope) -> None:
+    """Dispatch the main process's answers, its word on the store's health, and its drain
+    request. The main process never closes a link first, so its end means it is gone: fail
+    whoever waits (503) and end."""
     try:
         async for frame in frames:
             if frame[0] == "acks":
                 forwarder.answer(frame[1])
             elif frame[0] == "response":
                 relay.answer(frame)
+            elif frame[0] == "health":
+                state.report_store(health_from_wire(frame))
             elif frame[0] == "drain":
                 stop.set()  # as a first signal: a signal may come too, and drains the same
     except (LinkBroken, trio.BrokenResourceError) as error:
@@ -311,11 +339,12 @@ async def _read_link(frames: AsyncIterator[Frame], forwarder: Forwarder, relay: 
 
 
 async def _report_tallies(link: Link, metrics: Metrics) -> None:
-    """Send this front's webhook counters to the main process, which serves /metrics."""
+    """Send this front's counters (webhooks, connections) to the main process, which
+    serves /metrics."""
     sent: list[list[Any]] = []
     while True:
         await trio.sleep(TALLY_EVERY)
-        totals = metrics.callback_totals()
+        totals = metrics.tally()
         if totals != sent:
             await _send_tally(link, totals)
             sent = totals

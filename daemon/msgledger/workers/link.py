@@ -11,7 +11,8 @@ Each frame is a list whose first item names it:
 | `["acks", [[id, seq, error], ...]]` | main -> front | per event: its sequence number or why not |
 | `["request", id, {scope}, body]` | front -> main | a non-webhook HTTP request, whole |
 | `["response", id, status, headers, body]` | main -> front | its answer, whole |
-| `["tally", [[route, outcome, total], ...]]` | front -> main | the front's webhook counters |
+| `["tally", [[counter, {label: value}, total], ...]]` | front -> main | the front's counters |
+| `["health", reason]` | main -> front | why the store cannot commit now, or null once it can |
 | `["drain"]` | main -> front | drain as on SIGTERM |
 
 JSON, not pickle: what crosses is built from HTTP input, and a frame must never be able to
@@ -127,6 +128,17 @@ def ack_to_wire(ident: int, ack: Ack) -> list[Any]:
 def ack_from_wire(item: list[Any]) -> tuple[int, Ack]:
     ident, seq, error = item
     return ident, JournalUnavailable(error) if seq is None else int(seq)
+
+
+def health_frame(problem: str | None) -> Frame:
+    return ["health", problem]
+
+
+def health_from_wire(frame: Frame) -> str | None:
+    """A `health` frame's reason (None: the store commits); LinkBroken if malformed."""
+    if len(frame) != 2 or not (frame[1] is None or isinstance(frame[1], str)):
+        raise LinkBroken(f"a malformed 'health' frame: {frame!r:.200}")
+    return frame[1]
 
 
 def to_text(data: bytes) -> str:

@@ -2,7 +2,8 @@
 links, restarts one that dies, and drains them before the journal closes.
 
 Each link is served by one reader (events to the journal, relayed requests to the Quart
-app, counters to /metrics) and one acker (the journal's answers back, in order). Events
+app, counters to /metrics), one acker (the journal's answers back, in order) and one health
+reporter (whether the store commits, for the front's /healthz). Events
 from a front go through the same intake as the main process's own, so the journal batches
 them all together. A link holds its own intake clone until the front has gone, so the
 journal closes only after the last front's last event.
@@ -27,7 +28,7 @@ from ..events import JournalIntake, Reply, Submission, hand_over
 from ..http.server import LISTEN_BACKLOG, Front, address_bind
 from ..http.state import ServerState
 from ..logs import get_logger
-from ..metrics import Metrics
+from ..metrics import Metrics, TallyKey
 from ..settings import Settings
 from .link import (
     Frame,
@@ -35,6 +36,7 @@ from .link import (
     LinkBroken,
     ack_to_wire,
     event_from_wire,
+    health_frame,
     scope_from_wire,
     to_bytes,
     to_text,
@@ -76,6 +78,7 @@ class FrontDeps:
     listener: socket.socket
     app: ASGIFramework  # answers relayed requests: the main process's Quart app
     metrics: Metrics
+    state: ServerState  # its store health is told to every front
 
 
 async def serve_by_fronts(intake: JournalIntake, front: Front, settings: Settings,
@@ -89,7 +92,7 @@ async def serve_by_fronts(intake: JournalIntake, front: Front, settings: Setting
     host, port = listener.getsockname()[:2]
     url = f"http://{address_bind(host, port)}"
     state.public_url = state.public_url or url
-    deps = FrontDeps(settings, state.public_url, listener, front, metrics)
+    deps = FrontDeps(settings, state.public_url, listener, front, metrics, state)
     with front.intake:
         async with open_app(front), trio.open_nursery() as nursery:
             nursery.start_soon(drain_when, stop, state)
@@ -244,6 +247,7 @@ async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker
                 try:
                     await link.send(["settings", dataclasses.asdict(deps.settings),
                                      deps.public_url])
+                    nursery.start_soon(_send_health, link, deps.state, ended)
                     async for frame in link.frames():
                         await served.dispatch(frame)
                 except (LinkBroken, trio.BrokenResourceError) as error:
@@ -263,7 +267,7 @@ class _LinkServer:
     ready: trio.Event
     relaying: trio.Semaphore = dataclasses.field(
         default_factory=lambda: trio.Semaphore(RELAY_CONCURRENCY))
-    reported: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    reported: dict[TallyKey, float] = dataclasses.field(default_factory=dict)
 
     async def dispatch(self, frame: Frame) -> None:
         """Act on one frame; a frame of the wrong shape breaks the link (LinkBroken)."""
@@ -281,7 +285,7 @@ class _LinkServer:
             self.relays.start_soon(_relay, self.link, self.deps.app, ident, scope, body,
                                    self.relaying)
         elif frame[0] == "tally":
-            self.deps.metrics.add_callbacks(frame[1], self.reported)
+            self.deps.metrics.add_tally(frame[1], self.reported)
         elif frame[0] == "ready":
             self.ready.set()
 
@@ -295,6 +299,19 @@ async def _hand_over(intake: JournalIntake, items: Sequence[list[Any]]) -> Waiti
         await hand_over(intake, Submission(event, reply))  # a full intake holds the front back
         waiting.append((ident, reply))
     return waiting
+
+
+async def _send_health(link: Link, state: ServerState, ended: trio.Event) -> None:
+    """Tell the front whether the store commits: at once if it does not (a front assumes
+    it does), then at every change, until the link ends."""
+    told: str | None = None
+    while not ended.is_set():
+        changed = state.store_changed  # before reading: a change while sending is not missed
+        if state.store_problem != told:
+            told = state.store_problem
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await link.send(health_frame(told))
+        await _either(changed, ended)
 
 
 async def _send_acks(link: Link, batches: trio.MemoryReceiveChannel[Waiting]) -> None:
