@@ -12,6 +12,7 @@ from typing import Any
 import trio
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+from quart_trio import QuartTrio
 
 from ..events import JournalIntake
 from ..metrics import Metrics
@@ -25,6 +26,15 @@ KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than common proxies' idle timeouts (6
 LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
 
 
+# What an app serves, as (werkzeug rule, methods) pairs: how front processes learn the
+# main process's routes, to answer 404 and 405 themselves before a body is read.
+Routes = list[tuple[str, list[str]]]
+
+
+def routes_of(app: QuartTrio) -> Routes:
+    return [(rule.rule, sorted(rule.methods or ())) for rule in app.url_map.iter_rules()]
+
+
 class Front:
     """Route `/twilio/*` to the webhook receiver and the rest to Quart.
 
@@ -32,11 +42,12 @@ class Front:
     which answers 404.
     """
 
-    def __init__(self, webhooks: WebhookReceiver | None, app: ASGIFramework,
+    def __init__(self, webhooks: WebhookReceiver | None, app: QuartTrio,
                  intake: JournalIntake) -> None:
         self._webhooks = webhooks
         self._app = app
         self.intake = intake  # the front's clone: closed once the server has stopped
+        self.routes = routes_of(app)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:

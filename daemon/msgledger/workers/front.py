@@ -32,6 +32,8 @@ import orjson
 import structlog
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Map, RoutingException, Rule
 
 from .. import logs
 from ..deadlines import AckDeadlines
@@ -45,8 +47,9 @@ from ..events import (
     Submission,
     take_waiting,
 )
+from ..http import openapi
 from ..http.connections import ConnectionConfig
-from ..http.server import fd_bind, hypercorn_config, serve_http
+from ..http.server import Routes, fd_bind, hypercorn_config, serve_http
 from ..http.state import ServerState
 from ..http.webhooks import (
     ROUTES,
@@ -155,16 +158,21 @@ class Relay:
     `api._bearer`: no token configured, no `/v1` request is let through.
     """
 
-    def __init__(self, link: Link, api_token: str | None) -> None:
+    def __init__(self, link: Link, api_token: str | None, routes: Routes) -> None:
         self._link = link
         self._ids = itertools.count()
         self._waiting: dict[int, tuple[trio.Event, list[Frame]]] = {}
         self._bearer = f"Bearer {api_token}".encode() if api_token else None
+        self._routes = Map([Rule(rule, methods=methods) for rule, methods in routes]).bind("")
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
         http_scope = cast(HTTPScope, scope)
-        if _API_PATH.match(http_scope["path"]) and not self._authorized(http_scope):
+        unrouted = self._unrouted(http_scope)
+        if unrouted is not None:  # answered here, before any body: the main process's 404/405
+            await respond(send, *unrouted)
+            return
+        if self._guarded(http_scope["path"]) and not self._authorized(http_scope):
             await respond(send, 401, "missing or wrong bearer token")
             return
         try:  # the webhooks' reader: 413 from Content-Length alone, 400 on a disconnect
@@ -176,6 +184,24 @@ class Relay:
         await send(cast(Any, {"type": "http.response.start", "status": status,
                               "headers": headers}))
         await send(cast(Any, {"type": "http.response.body", "body": answer}))
+
+    def _unrouted(self, scope: HTTPScope) -> tuple[int, str] | None:
+        """404 or 405 when the main process's app serves no such route or method, as it
+        would answer; None to relay (a redirect, too, is the app's to give)."""
+        try:
+            self._routes.match(scope["path"], scope["method"])
+        except NotFound:
+            return 404, "no such route"
+        except MethodNotAllowed:
+            return 405, "method not allowed"
+        except RoutingException:
+            pass
+        return None
+
+    @staticmethod
+    def _guarded(path: str) -> bool:
+        """A /v1 path that needs the token: all but the contract, as in the Quart app."""
+        return _API_PATH.match(path) is not None and path != openapi.PATH
 
     def _authorized(self, scope: HTTPScope) -> bool:
         """As `api._bearer` reads it: the first Authorization header, as Quart decodes it."""
@@ -272,11 +298,11 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     process breaks (1: the main process is gone, so nothing here can become durable)."""
     link = Link(socket.socket(fileno=link_fd))
     frames = link.frames()
-    settings, public_url = _settings_from(await anext(frames))
+    settings, public_url, routes = _settings_from(await anext(frames))
     logs.configure(settings.log_level)
     structlog.contextvars.bind_contextvars(worker=worker)
     state = ServerState(public_url=public_url)
-    forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token), Metrics()
+    forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token, routes), Metrics()
     deadlines = AckDeadlines(settings.ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
@@ -356,8 +382,8 @@ async def _send_tally(link: Link, totals: list[list[Any]]) -> None:
         await link.send(["tally", totals])
 
 
-def _settings_from(frame: Frame) -> tuple[Settings, str]:
-    name, values, public_url = frame
+def _settings_from(frame: Frame) -> tuple[Settings, str, Routes]:
+    name, values, public_url, routes = frame
     if name != "settings":
         raise RuntimeError(f"the main process sent {name!r} before the settings")
-    return Settings(**values), public_url
+    return Settings(**values), public_url, [(rule, methods) for rule, methods in routes]

@@ -5,7 +5,7 @@ Each frame is a list whose first item names it:
 
 | frame | direction | carries |
 |---|---|---|
-| `["settings", {...}]` | main -> front, first | the `Settings` and the resolved public URL |
+| `["settings", {...}, url, routes]` | main -> front, first | `Settings`, public URL, app's routes |
 | `["ready"]` | front -> main | the front's HTTP server listens |
 | `["events", [wire event, ...]]` | front -> main | checked webhook events, each with an id |
 | `["acks", [[id, seq, error], ...]]` | main -> front | per event: its sequence number or why not |

@@ -76,7 +76,7 @@ class FrontDeps:
     settings: Settings
     public_url: str
     listener: socket.socket
-    app: ASGIFramework  # answers relayed requests: the main process's Quart app
+    app: Front  # answers relayed requests: the main process's router and Quart app
     metrics: Metrics
     state: ServerState  # its store health is told to every front
 
@@ -246,7 +246,7 @@ async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker
                 served = _LinkServer(link, intake, acks, deps, nursery, ready)
                 try:
                     await link.send(["settings", dataclasses.asdict(deps.settings),
-                                     deps.public_url])
+                                     deps.public_url, deps.app.routes])
                     nursery.start_soon(_send_health, link, deps.state, ended)
                     async for frame in link.frames():
                         await served.dispatch(frame)
