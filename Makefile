@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	touch $@
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench fuzz
 run: $(BIN)/.installed
 	$(BIN)/msgledger run --dev
 
@@ -20,6 +20,10 @@ lint: $(BIN)/.installed
 
 test: lint
 	$(BIN)/pytest -q
+
+# schemathesis against a daemon it starts (one process, then two fronts), 10 minutes in all.
+fuzz: $(BIN)/.installed
+	$(BIN)/python -m tests.test_openapi 600
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py

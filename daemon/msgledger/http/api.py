@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -11,12 +12,14 @@ from typing import Any, TypeVar
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .. import store
 from ..events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
+from ..logs import get_logger
 from ..metrics import Metrics
 from ..sender import Sender, SendRequest, body_fields
-from . import payloads
+from . import openapi, payloads
 from .state import ServerState
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -25,6 +28,7 @@ Reply = tuple[Response, int]
 # What each send outcome answers (issue: 201 accepted, 422 rejected, 202 unknown).
 SEND_STATUS = {"accepted": 201, "rejected": 422, "unknown": 202, "not_journaled": 503,
                "outcome_not_journaled": 503}
+log = get_logger("msgledger.api")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class ApiDeps:
     keep_body: str
 
 
+class StoreUnreadable(Exception):
+    """The store cannot be read (its file removed, an I/O error): answered 503, as the
+    callbacks are then, not 500."""
+
+
 class StoreReader:
     """Read-only store access from worker threads, never blocking the journal writer."""
 
@@ -57,7 +66,10 @@ class StoreReader:
             finally:
                 conn.close()
 
-        return await trio.to_thread.run_sync(read, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(read, limiter=self._limiter)
+        except sqlite3.OperationalError as error:  # the file, not the request: 503
+            raise StoreUnreadable(str(error)) from error
 
     async def record(self, key: str) -> store.Record | None:
         found: store.Record | None = await self.run(store.find_record, key)
@@ -65,10 +77,11 @@ class StoreReader:
 
 
 def create_app(deps: ApiDeps) -> QuartTrio:
-    app = QuartTrio("msgledger")
+    app = QuartTrio("msgledger", static_folder=None)  # no files to serve: no /static route
     app.config["MAX_CONTENT_LENGTH"] = payloads.MAX_JSON_BYTES  # larger bodies: 413, unread
     reader = StoreReader(deps.store_path)
     guarded = _bearer(deps.api_token)
+    contract = openapi.document()  # read once: it ships with the code it describes
 
     @app.get("/healthz")
     async def healthz() -> Reply:
@@ -80,9 +93,22 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     async def metrics() -> Response:
         return Response(deps.metrics.render(), content_type="text/plain; version=0.0.4")
 
+    @app.get(openapi.PATH)
+    async def openapi_document() -> Response:
+        return Response(contract, content_type="application/json")
+
     @app.errorhandler(payloads.Invalid)
     async def invalid(error: payloads.Invalid) -> Reply:
         return jsonify(error=str(error), field=error.field), 400
+
+    @app.errorhandler(StoreUnreadable)
+    async def unreadable(error: StoreUnreadable) -> Reply:
+        log.warning("store_read_failed", error=str(error))
+        return jsonify(error=f"the store cannot be read: {error}"), 503
+
+    @app.errorhandler(HTTPException)
+    async def refused(error: HTTPException) -> Response:
+        return _refusal(error)
 
     @app.post("/v1/messages")
     @guarded
@@ -108,6 +134,16 @@ def create_app(deps: ApiDeps) -> QuartTrio:
         return await _list(deps, reader, payloads.list_query(request.args.items(multi=True)))
 
     return app
+
+
+def _refusal(error: HTTPException) -> Response:
+    """Quart's own 404, 405 and 413 as the `{"error": ...}` JSON of every other refusal
+    (werkzeug's are HTML pages); a 405 keeps its Allow header."""
+    response = jsonify(error=error.name.lower())
+    response.status_code = error.code or 500
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        response.headers["Allow"] = ", ".join(error.valid_methods)
+    return response
 
 
 async def _json() -> object:

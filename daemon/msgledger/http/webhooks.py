@@ -95,8 +95,9 @@ class WebhookReceiver:
             outcome = Outcome(refused.http_status, refused.reason)
         except Exception as error:  # a bug of ours or the server's; trio.Cancelled passes
             outcome = Outcome(500, "internal error", error=type(error).__name__)
-        try:
-            await respond(send, outcome.http_status, outcome.reason)
+        try:  # a 405 says what is allowed, as RFC 9110 asks
+            await respond(send, outcome.http_status, outcome.reason,
+                          allow="POST" if outcome.http_status == 405 else None)
         finally:  # counted even if the answer cannot be sent: the outcome stands
             self._account(route, outcome, time.perf_counter() - started)
 
@@ -226,12 +227,14 @@ def _debugger_sid(form: Mapping[str, str]) -> str | None:
     return sid if isinstance(sid, str) and SID.fullmatch(sid) else None
 
 
-async def respond(send: Send, status: int, reason: str) -> None:
-    """Empty for 200, else `{"error": reason}`."""
+async def respond(send: Send, status: int, reason: str, *, allow: str | None = None) -> None:
+    """Empty for 200, else `{"error": reason}`; `allow` is a 405's Allow header."""
     body = b"" if status == 200 else json.dumps({"error": reason}).encode()
     headers = [(b"content-length", str(len(body)).encode())]
     if body:
         headers.append((b"content-type", b"application/json"))
+    if allow is not None:
+        headers.append((b"allow", allow.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers,
                 "trailers": False})
     await send({"type": "http.response.body", "body": body, "more_body": False})

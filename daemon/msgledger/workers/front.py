@@ -153,9 +153,10 @@ class Relay:
     """ASGI app that has the main process answer a request: the whole request goes down the
     link, the whole answer comes back.
 
-    A `/v1` request must carry the API's bearer token before its body is even read: an
-    anonymous client cannot make the main process take a megabyte from it. Same rule as
-    `api._bearer`: no token configured, no `/v1` request is let through.
+    A `/v1` request (but `GET /v1/openapi.json`, the contract) must carry the API's bearer
+    token before its body is even read: an anonymous client cannot make the main process
+    take a megabyte from it. Same rule as `api._bearer`: no token configured, no guarded
+    `/v1` request is let through.
     """
 
     def __init__(self, link: Link, api_token: str | None, routes: Routes) -> None:
@@ -170,7 +171,8 @@ class Relay:
         http_scope = cast(HTTPScope, scope)
         unrouted = self._unrouted(http_scope)
         if unrouted is not None:  # answered here, before any body: the main process's 404/405
-            await respond(send, *unrouted)
+            status, reason, allow = unrouted
+            await respond(send, status, reason, allow=allow)
             return
         if self._guarded(http_scope["path"]) and not self._authorized(http_scope):
             await respond(send, 401, "missing or wrong bearer token")
@@ -185,15 +187,15 @@ class Relay:
                               "headers": headers}))
         await send(cast(Any, {"type": "http.response.body", "body": answer}))
 
-    def _unrouted(self, scope: HTTPScope) -> tuple[int, str] | None:
-        """404 or 405 when the main process's app serves no such route or method, as it
-        would answer; None to relay (a redirect, too, is the app's to give)."""
+    def _unrouted(self, scope: HTTPScope) -> tuple[int, str, str | None] | None:
+        """404, or 405 and its Allow, when the main process's app serves no such route or
+        method, as it would answer; None to relay (a redirect, too, is the app's to give)."""
         try:
             self._routes.match(scope["path"], scope["method"])
         except NotFound:
-            return 404, "no such route"
-        except MethodNotAllowed:
-            return 405, "method not allowed"
+            return 404, "no such route", None
+        except MethodNotAllowed as refused:
+            return 405, "method not allowed", ", ".join(refused.valid_methods or ())
         except RoutingException:
             pass
         return None
