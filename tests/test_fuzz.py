@@ -252,7 +252,9 @@ def test_get_one(daemon: Daemon, key: str, query: str, method: str) -> None:
     """GET /v1/messages/{key} with any key (NUL, surrogates, 6,000 characters): never 5xx."""
     path = "/v1/messages/" + quote(key, safe="", errors="surrogatepass")
     response = daemon.exchange(method, f"{path}?{query}", headers=BEARER)
-    assert response.status_code in (200, 400, 404, 405)
+    # 308: with fronts, an empty key ("/v1/messages/") is redirected to the list by
+    # werkzeug's trailing-slash rule, where one process answers 404 (left for issue 9).
+    assert response.status_code in (200, 400, 404, 405, 308)
 
 
 @FUZZ
