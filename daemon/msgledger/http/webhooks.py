@@ -216,7 +216,7 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
 
 
 def _debugger_sid(form: Mapping[str, str]) -> str | None:
-    """The message an alert is about, when its Payload names one (TWILIO.md §5). A Payload
+    """The message an alert is about, when its Payload names one (Twilio's Debugger webhook docs). A Payload
     that is not JSON, or names something that is not a message SID, links nothing: the
     alert is journaled on its own, its Payload verbatim in the params."""
     try:

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-CHECKPOINT_EVENT = "journal_checkpoint"  # a log-line contract (DESIGN: verify --log)
+CHECKPOINT_EVENT = "journal_checkpoint"  # a log-line contract: `verify --log` reads it
 
 
 @dataclass(frozen=True)
