@@ -216,9 +216,10 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
 
 
 def _debugger_sid(form: Mapping[str, str]) -> str | None:
-    """The message an alert is about, when its Payload names one (Twilio's Debugger webhook docs). A Payload
-    that is not JSON, or names something that is not a message SID, links nothing: the
-    alert is journaled on its own, its Payload verbatim in the params."""
+    """The message an alert is about, when its Payload names one (its `resource_sid`, in
+    Twilio's Debugger webhook). A Payload that is not JSON, or names something that is not
+    a message SID, links nothing: the alert is journaled on its own, its Payload verbatim
+    in the params."""
     try:
         payload = json.loads(form.get("Payload", ""))
     except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
