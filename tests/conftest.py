@@ -165,3 +165,12 @@ async def _read_logs(process: trio.Process, lines: list[dict[str, object]], read
             lines.append(json.loads(raw))
             if lines[-1].get("event") == ready_event:
                 ready.set()
+
+
+def error_lines(log_path: Path) -> list[str]:
+    """A child daemon's log lines at error level or above, and anything that is not a JSON
+    line (a traceback). Split on newlines alone: a line may hold U+2028, which splitlines()
+    cuts."""
+    lines = log_path.read_bytes().decode("utf-8", "replace").split("\n")
+    return [line[:500] for line in lines if line and (
+        not line.startswith("{") or json.loads(line).get("level") in ("error", "critical"))]

@@ -34,7 +34,7 @@ from twilio.request_validator import RequestValidator
 
 from msgledger import store
 
-from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, FORM, child_env
+from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, FORM, child_env, error_lines
 
 # Examples per test and way of serving: 100 keep the file near 10 s in `make test`.
 EXAMPLES = int(os.environ.get("MSGLEDGER_FUZZ_EXAMPLES", "100"))
@@ -93,14 +93,6 @@ def _ready_line(log_path: Path, process: subprocess.Popen[bytes]) -> dict[str, A
     raise AssertionError("the daemon did not start in time")
 
 
-def _error_lines(log_path: Path) -> list[str]:
-    """Log lines at error level or above, and anything that is not a JSON line (a
-    traceback). Split on newlines alone: a line may hold U+2028, which splitlines() cuts."""
-    lines = log_path.read_bytes().decode("utf-8", "replace").split("\n")
-    return [line[:500] for line in lines if line and (
-        not line.startswith("{") or json.loads(line).get("level") in ("error", "critical"))]
-
-
 @pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-fronts"])
 def daemon(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
@@ -132,7 +124,7 @@ def daemon(request: pytest.FixtureRequest,
     assert code == 0
     assert running.journal_size() > 0  # some examples got past validation into the journal
     assert store.verify(str(tmp / "fuzz.db")).ok
-    assert _error_lines(log_path) == []
+    assert error_lines(log_path) == []
 
 
 # ------------------------------------------------------------------ what a hostile client sends

@@ -76,6 +76,7 @@ from .conftest import (
     Ledger,
     child_env,
     daemon_environ,
+    error_lines,
     new_sid,
     open_ledger,
 )
@@ -414,9 +415,9 @@ def child_daemon(tmp: Path, workers: str) -> Iterator[Child]:
         finally:
             process.send_signal(signal.SIGTERM)
             code = process.wait(30)
-    assert code == 0, _error_lines(log_path)
+    assert code == 0, error_lines(log_path)
     assert store.verify(str(tmp / "contract.db")).ok
-    assert _error_lines(log_path) == []
+    assert error_lines(log_path) == []
 
 
 def _ready_url(log_path: Path, process: subprocess.Popen[bytes]) -> str:
@@ -428,13 +429,6 @@ def _ready_url(log_path: Path, process: subprocess.Popen[bytes]) -> str:
                 return str(json.loads(raw)["url"])
         time.sleep(0.05)
     raise AssertionError("the daemon did not start in time")
-
-
-def _error_lines(log_path: Path) -> list[str]:
-    """Error lines, and anything that is not a JSON line (a traceback)."""
-    lines = log_path.read_bytes().decode("utf-8", "replace").split("\n")
-    return [line[:500] for line in lines if line and (
-        not line.startswith("{") or json.loads(line).get("level") in ("error", "critical"))]
 
 
 @pytest.fixture(scope="module", params=["1", "2"], ids=["one-process", "two-fronts"])
