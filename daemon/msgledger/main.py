@@ -26,6 +26,7 @@ from .deadlines import AckDeadlines
 from .drain import drain_when, watch_signals
 from .events import INTAKE_BUFFER, JournalIntake, Submission
 from .http.api import ApiDeps, create_app
+from .http.edge import at_the_edge
 from .http.server import Front, address_bind, hypercorn_config, serve_http
 from .http.state import ServerState
 from .http.webhooks import webhook_receiver
@@ -122,6 +123,6 @@ async def _serve_front(front: Front, settings: Settings, state: ServerState, met
                               settings, metrics)
     with front.intake:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve_http, front, config,
+            binds = await nursery.start(serve_http, at_the_edge(front, settings), config,
                                         partial(drain_when, stop, state))
             task_status.started(binds[0])

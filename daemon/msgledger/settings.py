@@ -9,6 +9,7 @@ worse than not starting.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -31,13 +32,15 @@ class Settings:
 
     listen_host: str
     listen_port: int
-    public_url: str | None  # scheme://host[:port]; None: http://<the address bound>
+    public_url: str | None  # scheme://host[:port][/prefix]; None: http://<the address bound>
     max_body_bytes: int
     ack_timeout: float  # seconds
     graceful_timeout: float  # seconds
     webhooks: bool
     workers: int  # processes serving HTTP: 1 is the main one, more are that many fronts
     read_timeout: float  # seconds a request body may take to arrive in full
+    admin_listen: str | None  # host:port or a unix socket path for /v1 and /metrics; None: listen
+    trusted_proxies: tuple[str, ...]  # CIDRs whose X-Forwarded-For / Forwarded name the client
     store_path: str
     checkpoint_interval: float  # seconds between journal_checkpoint lines while it grows
     keep_body: str  # "full" | "hash" | "none"
@@ -53,6 +56,12 @@ class Settings:
     reconcile_daily_at: str
     lookback_days: int
     log_level: str
+    log_access: bool  # one line per /v1, /metrics and /healthz request
+
+    @property
+    def prefix(self) -> str:
+        """The path of `public_url` ("/ledger"), under which every route also answers; ""."""
+        return urlsplit(self.public_url).path if self.public_url else ""
 
 
 # --- value parsers: each takes the raw TOML or environment value and returns the parsed one.
@@ -85,13 +94,31 @@ def parse_listen(raw: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# A path prefix: segments of URL-safe characters (percent-escapes too), no "." or "..".
+_PREFIX = re.compile(r"(/(?!\.\.?(/|$))[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*")
+
+
 def parse_url(raw: object) -> str:
+    """scheme://host[:port], without a trailing slash."""
+    text = parse_public_url(raw)
+    if urlsplit(text).path:
+        raise ValueError(f"expected no path, got {raw!r}")
+    return text
+
+
+def parse_public_url(raw: object) -> str:
+    """scheme://host[:port][/prefix], without a trailing slash: the URL Twilio is given."""
     text = str(raw).rstrip("/")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected scheme://host[:port], got {raw!r}")
-    if parts.path or parts.query or parts.fragment:
-        raise ValueError(f"expected no path, query or fragment, got {raw!r}")
+        raise ValueError(f"expected scheme://host[:port][/prefix], got {raw!r}")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError(f"expected no query or fragment, got {raw!r}")
+    if not _PREFIX.fullmatch(parts.path):
+        raise ValueError(f"expected a path prefix such as /ledger, got {parts.path!r}")
+    if parts.path.split("/")[1:2] in (["twilio"], ["v1"], ["metrics"], ["healthz"]):
+        # Routes answer at the root too: a prefix spelled like one could not be told apart.
+        raise ValueError(f"expected a prefix that does not begin like a route, got {parts.path!r}")
     if "@" in parts.netloc:  # Twilio signs without them; and they would land in every event
         raise ValueError(f"expected no user:password@ in the URL, got {_redacted(parts)!r}")
     try:
@@ -104,6 +131,32 @@ def parse_url(raw: object) -> str:
 def _redacted(parts: SplitResult) -> str:
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"***@{host}").geturl()
+
+
+def parse_admin_listen(raw: object) -> str:
+    """host:port, or the absolute path of a unix socket (hypercorn's `unix:` bind)."""
+    text = _text(raw)
+    if text.startswith("/"):
+        if "\0" in text:
+            raise ValueError("expected a socket path, got a NUL character")
+        return text
+    host, port = parse_listen(text)
+    return f"{host}:{port}"
+
+
+def parse_cidrs(raw: object) -> tuple[str, ...]:
+    """A list of CIDRs (a TOML array, or commas in the environment), each normalised."""
+    items = [i for i in raw.split(",") if i.strip()] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"expected a list of CIDRs, got {raw!r}")
+    networks = []
+    for item in items:
+        try:
+            networks.append(str(ipaddress.ip_network(str(item).strip())))
+        except ValueError:
+            raise ValueError(f"expected CIDRs such as 10.0.0.0/8 or ::1/128, got {item!r}"
+                             ) from None
+    return tuple(networks)
 
 
 def parse_bool(raw: object) -> bool:
@@ -172,13 +225,15 @@ def _text(raw: object) -> str:
 SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
     "http": {
         "listen": (parse_listen, "127.0.0.1:8080"),
-        "public_url": (parse_url, None),  # default: http://<listen>
+        "public_url": (parse_public_url, None),  # default: http://<listen>
         "max_body_bytes": (parse_positive_int, 64 * 1024),
         "ack_timeout": (parse_positive_duration, "5s"),  # under Twilio's 15 s read timeout
         "graceful_timeout": (parse_duration, "10s"),
         "webhooks": (parse_bool, True),
         "workers": (parse_workers, 1),  # processes serving HTTP; the journal stays in one
         "read_timeout": (parse_positive_duration, "10s"),  # a body that stops arriving
+        "admin_listen": (parse_admin_listen, None),  # None: /v1 and /metrics on listen
+        "trusted_proxies": (parse_cidrs, []),
     },
     "store": {
         "path": (parse_store_path, "msgledger.db"),
@@ -202,7 +257,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "daily_at": (parse_daily_at, "03:30"),
         "lookback_days": (parse_positive_int, 2),
     },
-    "log": {"level": (_one_of("debug", "info", "warning", "error"), "info")},
+    "log": {"level": (_one_of("debug", "info", "warning", "error"), "info"),
+            "access": (parse_bool, True)},
 }
 
 # The twilio library's own variables: above the file, below the MSGLEDGER_ form.
@@ -295,6 +351,9 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
             " against the URL Twilio calls, which the bound address does not tell")
     if p["http.workers"] > 1 and not hasattr(os, "pidfd_open"):
         raise ConfigError("http.workers: front processes need Linux 5.3 or later; set 1")
+    if p["http.admin_listen"] is not None and p["http.admin_listen"] == f"{host}:{port}":
+        raise ConfigError("http.admin_listen: must differ from http.listen (it exists to keep"
+                          " /v1 and /metrics off the public listener)")
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")
@@ -308,6 +367,8 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         webhooks=p["http.webhooks"],
         workers=p["http.workers"],
         read_timeout=p["http.read_timeout"],
+        admin_listen=p["http.admin_listen"],
+        trusted_proxies=p["http.trusted_proxies"],
         store_path=p["store.path"],
         checkpoint_interval=p["store.checkpoint_interval"],
         keep_body=p["store.keep_body"],
@@ -323,4 +384,5 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
         reconcile_daily_at=p["reconciler.daily_at"],
         lookback_days=p["reconciler.lookback_days"],
         log_level=p["log.level"],
+        log_access=p["log.access"],
     )

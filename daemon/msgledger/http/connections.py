@@ -14,6 +14,11 @@ calls it. Each workaround, its upstream cause and when it can go: docs/hypercorn
   whatever the route; then the connection is closed. hypercorn's own `read_timeout`
   bounds each read instead: it restarts on every byte and would cut idle keep-alive
   connections too.
+- **A connection ends with its client.** Once the client has closed its side (or the read
+  failed), nothing more can arrive, so the keep-alive timer is stopped and never restarted:
+  the connection closes as soon as its last answer is sent. hypercorn waits out the timer
+  (75 s) instead whenever the request's task finished before the client hung up, which on
+  the lean webhook path is nearly every time.
 - **Closing does not race an answer.** hypercorn half-closes (`send_eof`) without its
   send lock; an answer sent at that moment failed with BusyResourceError and a traceback.
 
@@ -35,7 +40,7 @@ import hypercorn.protocol
 import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
@@ -102,6 +107,8 @@ class MsgledgerTCPServer(TCPServer):
     """hypercorn's TCP connection, kept from taking the server down with it, with a
     deadline on each request body and a close that races no answer."""
 
+    read_ended = False  # the client can send nothing more: EOF, a reset, or a body deadline
+
     async def run(self) -> None:
         try:
             await super().run()
@@ -119,6 +126,8 @@ class MsgledgerTCPServer(TCPServer):
         request's tasks on hearing it: the task running the close. The close was cut off
         at its first checkpoint and the socket stayed open, unread and unanswered, for good
         (docs/hypercorn.md: "An early answer wedges the connection")."""
+        if isinstance(event, Updated) and event.idle and self.read_ended:
+            return  # no keep-alive timer: no request can come, so close once answered
         if not isinstance(event, Closed):
             await super().protocol_send(event)
             return
@@ -130,7 +139,8 @@ class MsgledgerTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         """hypercorn's read loop, but bounded by the body deadline instead of a timeout per
-        read (its `config.read_timeout` stays None)."""
+        read (its `config.read_timeout` stays None), and ending the keep-alive wait with
+        the client."""
         while True:
             try:
                 data = await self._receive()
@@ -142,7 +152,11 @@ class MsgledgerTCPServer(TCPServer):
             await self.protocol.handle(RawData(data))
             if data == b"":
                 break
+        self.read_ended = True
         await self.protocol.handle(Closed())
+        # The keep-alive timer is the only task left once the last answer is out: without
+        # it, `run`'s task group ends and the socket is closed (docs/hypercorn.md §7).
+        await self.idle_task.stop()
 
     async def _receive(self) -> bytes | None:
         """The next bytes from the client; None if the request body's deadline came first."""

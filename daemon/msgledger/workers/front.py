@@ -31,7 +31,13 @@ from typing import Any, cast
 import orjson
 import structlog
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+)
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RoutingException, Rule
 
@@ -49,6 +55,7 @@ from ..events import (
 )
 from ..http import openapi
 from ..http.connections import ConnectionConfig
+from ..http.edge import at_the_edge
 from ..http.server import Routes, fd_bind, hypercorn_config, serve_http
 from ..http.state import ServerState
 from ..http.webhooks import (
@@ -320,7 +327,8 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
         nursery.start_soon(_report_tallies, link, metrics)
         async with trio.open_nursery() as serving:
             serving.start_soon(forwarder.run, inbox)
-            await serving.start(_serve, app, config, intake, partial(drain_when, stop, state))
+            await serving.start(_serve, at_the_edge(app, settings), config, intake,
+                                partial(drain_when, stop, state))
             gc.freeze()  # as the main process: what lives for good is not rescanned
             state.ready = True
             await link.send(["ready"])
@@ -332,7 +340,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     return 1 if lost.is_set() else 0
 
 
-async def _serve(app: FrontApp, config: ConnectionConfig, intake: JournalIntake,
+async def _serve(app: ASGIFramework, config: ConnectionConfig, intake: JournalIntake,
                  shutdown: Callable[[], Awaitable[None]], *,
                  task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP; once the last request has finished, close the intake (ends the
@@ -388,4 +396,5 @@ def _settings_from(frame: Frame) -> tuple[Settings, str, Routes]:
     name, values, public_url, routes = frame
     if name != "settings":
         raise RuntimeError(f"the main process sent {name!r} before the settings")
+    values["trusted_proxies"] = tuple(values["trusted_proxies"])  # JSON made it a list
     return Settings(**values), public_url, [(rule, methods) for rule, methods in routes]
