@@ -9,7 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -61,6 +61,7 @@ class Ledger:
     client: httpx.AsyncClient
     stop: trio.Event  # set it to start the graceful drain; leaving the context waits for it
     workers: int = 1  # http.workers: 1 serves from the main process, more from fronts
+    admin_url: str | None = None  # http.admin_listen's URL, if /v1 is served apart
 
     async def post_status(self, params: Mapping[str, str], *, ref: str | None = None,
                           token: str = AUTH_TOKEN) -> httpx.Response:
@@ -105,7 +106,7 @@ async def open_ledger(environ: Mapping[str, str]) -> AsyncIterator[Ledger]:
                                               handle_signals=False))
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             yield Ledger(running.url, running.public_url, Path(settings_.store_path), client,
-                         stop, settings_.workers)
+                         stop, settings_.workers, running.admin_url)
         stop.set()
 
 
@@ -139,11 +140,14 @@ def child_env(store_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def start_child(nursery: trio.Nursery, env: Mapping[str, str], *args: str,
-                      ready_event: str = "daemon_ready", cwd: Path | None = None) -> ChildDaemon:
-    """Start `msgledger run [args]` and wait for its `ready_event` log line."""
+                      ready_event: str = "daemon_ready", cwd: Path | None = None,
+                      launcher: Sequence[str] = (), pass_fds: Sequence[int] = ()
+                      ) -> ChildDaemon:
+    """Start `msgledger run [args]` and wait for its `ready_event` log line. `launcher`
+    is a command that ends by exec'ing its arguments (as systemd sets a process up)."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "msgledger", "run", *args], env=dict(env),
-        stdout=subprocess.PIPE, cwd=cwd)
+        [*launcher, sys.executable, "-m", "msgledger", "run", *args], env=dict(env),
+        stdout=subprocess.PIPE, cwd=cwd, pass_fds=tuple(pass_fds))
     lines: list[dict[str, object]] = []
     ready = trio.Event()
     nursery.start_soon(_read_logs, process, lines, ready_event, ready)

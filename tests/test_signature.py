@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from msgledger.http.signature import SignatureChecker
+from msgledger.http.signature import SignatureChecker, host_respelled
 
 # Twilio's published example (twilio.com/docs/usage/security#validating-requests).
 TOKEN = "12345"
@@ -139,3 +139,38 @@ def test_settings_header_without_algorithm_means_sha1(checker: SignatureChecker)
 def test_unsupported_algorithm_fails(checker: SignatureChecker) -> None:
     """An algorithm the validator does not know refuses the request instead of raising."""
     assert not checker.check(URL, PARAMS, SIGNATURE, "key=x,algorithm=HMAC_MD5")
+
+
+@pytest.mark.parametrize(("url", "host", "respelled"), [
+    ("https://ledger.example.com/twilio/status?ref=1", "LEDGER.example.com",
+     "https://LEDGER.example.com/twilio/status?ref=1"),
+    ("http://ledger.example.com:8443/p/twilio/status", "Ledger.Example.COM:8443",
+     "http://Ledger.Example.COM:8443/p/twilio/status"),
+    # the port, like the scheme and the prefix, stays the public URL's
+    ("http://ledger.example.com:8443/twilio/status", "LEDGER.example.com:80",
+     "http://LEDGER.example.com:8443/twilio/status"),
+    ("https://ledger.example.com", "LEDGER.EXAMPLE.COM", "https://LEDGER.EXAMPLE.COM"),
+    ("http://[2001:db8::ab]:80/twilio/status", "[2001:DB8::AB]:80",
+     "http://[2001:DB8::AB]:80/twilio/status"),
+    ("https://ledger.example.com/twilio/status", "ledger.example.com", None),  # the same
+    ("https://ledger.example.com/twilio/status", "other.example.com", None),
+    ("https://ledger.example.com/twilio/status", "ledger.example.com.evil", None),
+    ("https://ledger.example.com/twilio/status", "ledger.example.co", None),
+    ("https://ledger.example.com/twilio/status", "", None),
+    ("https://ledger.example.com/twilio/status", None, None),
+    ("https://ledger.example.com/twilio/status", "LEDGER.exämple.com", None),
+    ("http://[2001:db8::ab]/twilio/status", "[2001:DB8::AB", None),
+])
+def test_host_respelled(url: str, host: str | None, respelled: str | None) -> None:
+    """The public URL with the Host header's spelling of its host, only when the two hosts
+    differ in letter case alone."""
+    assert host_respelled(url, host) == respelled
+
+
+def test_a_respelled_host_is_a_different_signature(checker: SignatureChecker) -> None:
+    """Why the second spelling must be tried: the signature covers the host as typed."""
+    typed = "https://MyCompany.com/myapp.php?foo=1&bar=2"
+    signature = sign(typed, PARAMS)
+    assert not checker.check(URL, PARAMS, signature)
+    respelled = host_respelled(URL, "MyCompany.com")
+    assert respelled == typed and checker.check(respelled, PARAMS, signature)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlencode
 
+import structlog
 import trio
 
 from msgledger import store
+from msgledger.deadlines import AckDeadlines
+from msgledger.events import Event, Submission
+from msgledger.http.clients import ClientResolver
+from msgledger.http.signature import SignatureChecker
+from msgledger.http.state import ServerState
+from msgledger.http.webhooks import FORM_TYPE, WebhookReceiver
+from msgledger.metrics import Metrics
 
 from .conftest import (
     API_TOKEN,
+    AUTH_TOKEN,
     FORM,
     Ledger,
     callback_params,
@@ -204,3 +214,106 @@ async def test_webhooks_off_means_no_webhook_routes(tmp_path) -> None:  # type: 
             response = await ledger.post_status(callback_params(new_sid(), "sent"), token="")
         assert response.status_code == 404
         assert journal_size(ledger) == 0
+
+
+async def test_host_differing_in_case_only_is_tried(tmp_path, workers: str) -> None:  # type: ignore[no-untyped-def]
+    """Twilio signs the URL as typed in its console: a host spelled LEDGER.example.com there
+    passes against ledger.example.com in http.public_url when the Host header spells it so,
+    and is kept as signed. Another host never passes, Host header or not."""
+    public = "http://ledger.example.com:8443"
+    environ = daemon_environ(tmp_path / "h.db", MSGLEDGER_HTTP_PUBLIC_URL=public,
+                             MSGLEDGER_HTTP_WORKERS=workers)
+    path = "/twilio/status"
+
+    async def post(signed_for: str, host: str) -> int:
+        params = callback_params(sid, "sent")
+        headers = {**signed(f"http://{signed_for}:8443{path}", params), "Host": f"{host}:8443"}
+        response = await ledger.client.post(path, content=urlencode(params), headers=headers)
+        return response.status_code
+
+    async with open_ledger(environ) as ledger:
+        sid = new_sid()
+        with trio.fail_after(10):
+            codes = [await post("LEDGER.example.com", "LEDGER.example.com"),
+                     await post("LEDGER.example.com", "ledger.example.com"),  # Host says no
+                     await post("other.example.com", "other.example.com"),
+                     await post("other.example.com", "ledger.example.com")]
+            record = (await ledger.record(sid)).json()
+    assert codes == [200, 403, 403, 403]
+    [entry] = record["history"]
+    assert entry["data"]["url"] == f"http://LEDGER.example.com:8443{path}"
+    assert entry["data"]["client"] == "127.0.0.1"
+
+
+class CountingChecker(SignatureChecker):
+    def __init__(self) -> None:
+        super().__init__(AUTH_TOKEN)
+        self.urls: list[str] = []
+
+    def check(self, url: str, *args: Any, **kwargs: Any) -> bool:
+        self.urls.append(url)
+        return super().check(url, *args, **kwargs)
+
+
+async def receive_one(host: bytes, signed_for: str, user_agent: bytes,
+                      ) -> tuple[int, list[str], list[dict[str, Any]], list[Event]]:
+    """One callback through a bare receiver whose journal acks at once: the status, the
+    URLs checked, the log lines and the events handed to the journal."""
+    checker, metrics = CountingChecker(), Metrics()
+    intake, inbox = trio.open_memory_channel[Submission](1)
+    receiver = WebhookReceiver(intake, checker, state=ServerState(public_url="https://ledger.test"),
+                               max_body=65536, deadlines=AckDeadlines(5.0), metrics=metrics,
+                               clients=ClientResolver(["10.0.0.0/8"]))
+    params = callback_params(new_sid(), "sent")
+    body = urlencode(params).encode()
+    headers = [(b"host", host), (b"content-type", FORM_TYPE), (b"user-agent", user_agent),
+               (b"x-forwarded-for", b"198.51.100.4"),
+               (b"x-twilio-signature", signed(signed_for, params)["X-Twilio-Signature"].encode())]
+    scope = {"type": "http", "method": "POST", "path": "/twilio/status", "query_string": b"",
+             "raw_path": b"/twilio/status", "headers": headers, "client": ("10.1.2.3", 5000)}
+    sent: list[dict[str, Any]] = []
+    events: list[Event] = []
+
+    async def journal() -> None:
+        async for submission in inbox:
+            events.append(submission.event)
+            submission.reply.answer(1)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    with trio.fail_after(5), structlog.testing.capture_logs() as logged:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(journal)
+            await receiver(scope, receive, send)  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()
+    return sent[0]["status"], checker.urls, logged, events
+
+
+async def test_one_hmac_per_genuine_callback_and_the_line_names_the_client() -> None:
+    """A callback signed for the public URL costs one check; one signed with the Host
+    header's spelling, a second. Each line names the client (behind the trusted proxy),
+    the path and the user agent, cut to 200 characters; the event keeps the client."""
+    agent = b"TwilioProxy/1.1" + b"x" * 300
+    status, urls, [line], [event] = await receive_one(
+        b"ledger.test", "https://ledger.test/twilio/status", agent)
+    assert (status, urls) == (200, ["https://ledger.test/twilio/status"])
+    assert (line["event"], line["client"], line["path"]) == (
+        "callback_journaled", "198.51.100.4", "/twilio/status")
+    assert line["user_agent"] == agent[:200].decode()
+    assert event.data["client"] == "198.51.100.4"
+
+    status, urls, _, [event] = await receive_one(
+        b"Ledger.Test:443", "https://Ledger.Test/twilio/status", agent)
+    assert (status, urls) == (200, ["https://ledger.test/twilio/status",
+                                    "https://Ledger.Test/twilio/status"])
+    assert event.data["url"] == "https://Ledger.Test/twilio/status"
+
+    status, urls, [line], events = await receive_one(
+        b"evil.test", "https://evil.test/twilio/status", b"curl")
+    assert (status, urls, events) == (403, ["https://ledger.test/twilio/status"], [])
+    assert (line["event"], line["client"], line["user_agent"]) == (
+        "callback_refused", "198.51.100.4", "curl")

@@ -26,11 +26,11 @@ from .deadlines import AckDeadlines
 from .drain import drain_when, watch_signals
 from .events import INTAKE_BUFFER, JournalIntake, Submission
 from .http.api import ApiDeps, create_app
-from .http.edge import at_the_edge
-from .http.server import Front, address_bind, hypercorn_config, serve_http
+from .http.server import Front, hypercorn_config, public_router, serve_admin, serve_http
 from .http.state import ServerState
 from .http.webhooks import webhook_receiver
 from .journal import run_journal
+from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
 from .logs import get_logger
 from .metrics import Metrics
 from .sender import Sender
@@ -48,6 +48,7 @@ class Running:
 
     url: str
     public_url: str
+    admin_url: str | None = None  # where /v1 and /metrics are, if not at `url`
 
 
 async def run(settings: Settings, *, stop: trio.Event | None = None, handle_signals: bool = True,
@@ -57,20 +58,26 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
     writer = await trio.to_thread.run_sync(JournalWriter.open, settings.store_path)
     log.info("store_opened", path=settings.store_path, last_seq=writer.last_seq)
     try:
-        async with trio.open_nursery() as root:
-            if handle_signals:
-                root.start_soon(watch_signals, stop, root.cancel_scope)
-            root.start_soon(run_checkpoints, lambda: writer.tail, settings.checkpoint_interval)
-            await _run_services(settings, stop, writer, task_status)
-            root.cancel_scope.cancel()  # everything drained: end the watchers
+        raise_descriptor_limit()
+        listeners = open_listeners(settings)
+        try:
+            async with trio.open_nursery() as root:
+                if handle_signals:
+                    root.start_soon(watch_signals, stop, root.cancel_scope)
+                root.start_soon(run_checkpoints, lambda: writer.tail,
+                                settings.checkpoint_interval)
+                await _run_services(settings, listeners, stop, writer, task_status)
+                root.cancel_scope.cancel()  # everything drained: end the watchers
+        finally:
+            listeners.close()  # those not handed to hypercorn (which closes its own)
     finally:
         writer.close()
     log_checkpoint(writer.tail)  # the head as it stands at exit, whatever the interval
     log.info("daemon_stopped", last_seq=writer.last_seq)
 
 
-async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWriter,
-                        task_status: trio.TaskStatus[Running]) -> None:
+async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Event,
+                        writer: JournalWriter, task_status: trio.TaskStatus[Running]) -> None:
     state, metrics = ServerState(public_url=settings.public_url), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     deadlines = AckDeadlines(settings.ack_timeout)
@@ -81,15 +88,17 @@ async def _run_services(settings: Settings, stop: trio.Event, writer: JournalWri
             front = _front(settings, state, metrics, deadlines, intake.clone())
             serve = (_serve_front if settings.workers == 1
                      else partial(serve_by_fronts, intake.clone()))
-        url = await services.start(serve, front, settings, state, metrics, stop)
+        admin_url = url_of(listeners.admin) if listeners.admin else None
+        url = await services.start(serve, front, listeners, settings, state, metrics, stop)
         state.public_url = state.public_url or url
         # Everything built so far lives as long as the process: keep the cyclic GC's full
         # collections from rescanning it, which would stall the loop for tens of ms.
         gc.freeze()
         state.ready = True
         systemd.notify("READY=1")
-        log.info("daemon_ready", url=url, public_url=state.public_url, workers=settings.workers)
-        task_status.started(Running(url, state.public_url))
+        log.info("daemon_ready", url=url, public_url=state.public_url, admin_url=admin_url,
+                 workers=settings.workers)
+        task_status.started(Running(url, state.public_url, admin_url))
 
 
 def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: AckDeadlines,
@@ -114,15 +123,18 @@ def _twilio_api(settings: Settings) -> TwilioApi | None:
         backoff=settings.twilio_retry_backoff))
 
 
-async def _serve_front(front: Front, settings: Settings, state: ServerState, metrics: Metrics,
-                       stop: trio.Event, *,
+async def _serve_front(front: Front, listeners: Listeners, settings: Settings,
+                       state: ServerState, metrics: Metrics, stop: trio.Event, *,
                        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve HTTP from this process; once the last request has finished, close the front's
-    journal intake."""
-    config = hypercorn_config(address_bind(settings.listen_host, settings.listen_port),
-                              settings, metrics)
+    """Serve HTTP from this process, on the admin listener too if there is one; once the
+    last request has finished, close the front's journal intake."""
+    url = url_of(listeners.public)
+    config = hypercorn_config(hand_over(listeners.public), settings, metrics)
     with front.intake:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve_http, at_the_edge(front, settings), config,
-                                        partial(drain_when, stop, state))
-            task_status.started(binds[0])
+            await nursery.start(serve_http, public_router(front, settings), config,
+                                partial(drain_when, stop, state))
+            if listeners.admin is not None:
+                await nursery.start(serve_admin, front.app, listeners.admin, settings, metrics,
+                                    stop)
+            task_status.started(url)

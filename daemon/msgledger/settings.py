@@ -351,7 +351,7 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
             " against the URL Twilio calls, which the bound address does not tell")
     if p["http.workers"] > 1 and not hasattr(os, "pidfd_open"):
         raise ConfigError("http.workers: front processes need Linux 5.3 or later; set 1")
-    if p["http.admin_listen"] is not None and p["http.admin_listen"] == f"{host}:{port}":
+    if port != 0 and p["http.admin_listen"] == f"{host}:{port}":  # port 0: two ports
         raise ConfigError("http.admin_listen: must differ from http.listen (it exists to keep"
                           " /v1 and /metrics off the public listener)")
     sid = p["twilio.account_sid"]

@@ -19,6 +19,8 @@ calls it. Each workaround, its upstream cause and when it can go: docs/hypercorn
   the connection closes as soon as its last answer is sent. hypercorn waits out the timer
   (75 s) instead whenever the request's task finished before the client hung up, which on
   the lean webhook path is nearly every time.
+- **A drain drops no request.** A connection accepted in the last moments before a drain
+  has its first request read and answered; hypercorn closed it unread.
 - **Closing does not race an answer.** hypercorn half-closes (`send_eof`) without its
   send lock; an answer sent at that moment failed with BusyResourceError and a traceback.
 
@@ -48,6 +50,9 @@ from ..logs import get_logger
 from ..metrics import Metrics
 
 CLOSE_TIMEOUT = 5.0  # seconds a shielded close may take; it is local work, not the client's
+# Seconds a connection accepted just before a drain has to send its first request: its
+# client sent it right after connecting, and it must be answered, not dropped.
+FIRST_REQUEST_GRACE = 1.0
 MESSAGE_CHARS = 200  # of an error's text in its log line: enough to tell one from another
 log = get_logger("msgledger.connections")
 
@@ -200,6 +205,30 @@ class MsgledgerTCPServer(TCPServer):
             finally:
                 self.send_lock.release()
         await self.stream.aclose()
+
+    async def _idle_timeout(self) -> None:
+        """hypercorn's keep-alive timer, which also closes idle connections once the server
+        drains; but never a connection with a request in flight, and a connection that has
+        not had its first request yet (accepted in the last moments before the drain) gets
+        FIRST_REQUEST_GRACE for it. hypercorn's closed both: a request whose headers
+        arrived as the timer woke was cut off (its stop came too late to cancel a close
+        already shielded), and a request accepted but not yet read was dropped unanswered.
+        A request's end closes its connection once draining (`_maybe_recycle`)."""
+        with trio.move_on_after(self.config.keep_alive_timeout):
+            await self.context.terminated.wait()
+            if self._serving_no_request() and self._awaiting_first_request():
+                await trio.sleep(FIRST_REQUEST_GRACE)
+        await trio.lowlevel.checkpoint_if_cancelled()  # a stop that raced the wake lands here
+        if self._serving_no_request():
+            with trio.CancelScope(shield=True):
+                await self._initiate_server_close()
+
+    def _serving_no_request(self) -> bool:
+        return getattr(self.protocol.protocol, "stream", None) is None
+
+    def _awaiting_first_request(self) -> bool:
+        protocol = self.protocol.protocol
+        return isinstance(protocol, H11Protocol) and protocol.keep_alive_requests == 0
 
     def _client(self) -> str | None:
         protocol = getattr(self, "protocol", None)  # set once the connection has started

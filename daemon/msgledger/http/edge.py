@@ -1,18 +1,24 @@
 """What every request passes first, in whichever process holds its connection (the main
 process, or a front): the public URL's path prefix is taken off, so the routers below see
-root paths whether the proxy stripped the prefix or passed it on.
+root paths whether the proxy stripped the prefix or passed it on; then each request but
+a webhook gets its `http_access` line (`access.py`), unless `log.access = false`.
 
 Relayed requests (a front's `/v1` and `/metrics`) reach the main process's router already
-stripped, so nothing here runs twice.
+stripped and logged, so nothing here runs twice: the line is written where the client's
+connection is, and names the status the client got.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar, cast
+from urllib.parse import unquote
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from ..settings import Settings
+from .access import AccessLog
+from .clients import ClientResolver
+from .webhooks import ROUTES
 
 Path = TypeVar("Path", str, bytes)
 
@@ -25,7 +31,7 @@ class Prefixed:
 
     def __init__(self, app: ASGIFramework, prefix: str) -> None:
         self._app = app
-        self._prefix = prefix
+        self._prefix = unquote(prefix)  # as hypercorn decodes the path
         self._raw_prefix = prefix.encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
@@ -48,6 +54,13 @@ def _under(path: Path, prefix: Path) -> bool:
     return path == prefix or (path.startswith(prefix) and path[len(prefix):][:1] in ("/", b"/"))
 
 
-def at_the_edge(router: ASGIFramework, settings: Settings) -> ASGIFramework:
-    """`router` as a listener serves it."""
-    return Prefixed(router, settings.prefix) if settings.prefix else router
+def at_the_edge(router: ASGIFramework, settings: Settings, *,
+                webhooks: bool = True) -> ASGIFramework:
+    """`router` as a listener serves it: `Prefixed` outermost, so lines name root paths.
+    `webhooks`: whether this listener serves them (the admin listener does not)."""
+    app = router
+    if settings.log_access:  # the webhook routes log their own line, where they are served
+        served = webhooks and settings.webhooks
+        app = AccessLog(app, ClientResolver(settings.trusted_proxies),
+                        skip=frozenset(ROUTES) if served else frozenset())
+    return Prefixed(app, settings.prefix) if settings.prefix else app

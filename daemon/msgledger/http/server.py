@@ -6,6 +6,7 @@ failure kept to itself)."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,15 +16,18 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallabl
 from quart_trio import QuartTrio
 
 from ..events import JournalIntake
+from ..listeners import LISTEN_BACKLOG, hand_over
 from ..metrics import Metrics
 from ..settings import Settings
 from . import connections
 from .connections import ConnectionConfig
-from .webhooks import ROUTES, WebhookReceiver
+from .edge import at_the_edge
+from .webhooks import ROUTES, WebhookReceiver, respond
 
 KEEP_ALIVE_MAX_REQUESTS = 100_000  # a proxy's pooled connection should not churn every 1,000
 KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than common proxies' idle timeouts (60 s)
-LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
+# What the public listener serves when /v1 and /metrics have their own (http.admin_listen).
+PUBLIC_PATHS = frozenset({*ROUTES, "/healthz"})
 
 
 # What an app serves, as (werkzeug rule, methods) pairs: how front processes learn the
@@ -47,6 +51,7 @@ class Front:
         self._webhooks = webhooks
         self._app = app
         self.intake = intake  # the front's clone: closed once the server has stopped
+        self.app = app  # the admin listener's router (http.admin_listen)
         self.routes = routes_of(app)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
@@ -57,8 +62,26 @@ class Front:
             await self._app(scope, receive, send)
 
 
-def address_bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class PublicOnly:
+    """The public listener's router when `/v1` and `/metrics` are served on the admin
+    listener: the webhooks and /healthz, and a 404 for everything else, before any body."""
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            await respond(send, 404, "no such route")
+        elif scope["type"] != "websocket":  # nothing here speaks websockets
+            await self._app(scope, receive, send)
+
+
+def public_router(router: ASGIFramework, settings: Settings) -> ASGIFramework:
+    """What the public listener serves: `router`, less `/v1` and `/metrics` if they have a
+    listener of their own."""
+    return at_the_edge(router if settings.admin_listen is None else PublicOnly(router),
+                       settings)
 
 
 def fd_bind(fd: int) -> str:
@@ -86,3 +109,14 @@ async def serve_http(app: ASGIFramework, config: ConnectionConfig,
     """Serve until `shutdown` returns, then finish in-flight requests (graceful_timeout)."""
     connections.install()
     await serve(app, config, shutdown_trigger=shutdown, task_status=task_status)
+
+
+async def serve_admin(app: QuartTrio, listener: socket.socket, settings: Settings,
+                      metrics: Metrics, stop: trio.Event, *,
+                      task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+    """Serve `/v1`, `/metrics` and `/healthz` on the admin listener, from the main process
+    (which answers them in any case), until `stop`; then finish in-flight requests."""
+    config = hypercorn_config(hand_over(listener), settings, metrics)
+    await serve_http(at_the_edge(app, settings, webhooks=False), config, stop.wait,
+                     task_status=task_status)

@@ -5,6 +5,11 @@ with it (Twilio's back end has signed both ways), but the two forms are tried in
 the second only when the first fails: one HMAC per genuine callback instead of two, on the
 hottest path of the daemon. The signing itself is the library's `compute_signature`.
 Repeated form fields are passed as a multi-dict so every value is signed.
+
+Twilio signs the URL as it was typed in its console, host spelling included, so a host
+typed `LEDGER.example.com` there fails against `ledger.example.com` in `http.public_url`.
+`host_respelled` gives the URL to try next, with the Host header's spelling; only a host
+that differs in letter case, which names the same server (RFC 3986 §3.2.2), is ever tried.
 """
 
 from __future__ import annotations
@@ -59,3 +64,28 @@ class SignatureChecker:
             if hmac.compare_digest(expected.encode(), signature.encode()):
                 return True
         return False
+
+
+def host_respelled(url: str, host: str | None) -> str | None:
+    """`url` with its host spelled as in `host` (a Host header: host[:port], whose port is
+    not used) when the two differ in ASCII letter case only; None otherwise."""
+    if not host or not host.isascii():
+        return None
+    start = url.find("://") + 3
+    ours = _host_part(url[start:])
+    theirs = _host_part(host)
+    if theirs == ours or theirs.lower() != ours.lower():
+        return None
+    return url[:start] + theirs + url[start + len(ours):]
+
+
+def _host_part(netloc: str) -> str:
+    """The host of "host[:port]..." or "[v6][:port]...", as spelled."""
+    if netloc.startswith("["):
+        return netloc[:netloc.find("]") + 1]
+    end = len(netloc)
+    for stop in ":/?#":
+        found = netloc.find(stop)
+        if found != -1:
+            end = min(end, found)
+    return netloc[:end]

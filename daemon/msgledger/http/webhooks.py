@@ -6,7 +6,8 @@ the same work in a fraction of it. The order of checks is the contract:
 size (413) -> content type (415) -> signature (403, nothing journaled) -> required fields
 (400) -> journal -> 200 only once the event is committed, 503 if not within `ack_timeout`.
 Anything else that goes wrong is answered 500, counted and logged (`callback_failed`), like
-every other outcome: no request escapes to hypercorn unanswered by us.
+every other outcome: no request escapes to hypercorn unanswered by us. Each line names the
+client, the path and the user agent; the event keeps the client (docs/clients.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from ..events import Event, JournalIntake, JournalUnavailable, utc_now
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..settings import Settings
-from .signature import SignatureChecker
+from .clients import ClientResolver, user_agent_of
+from .signature import SignatureChecker, host_respelled
 from .state import ServerState
 
 SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")  # a message SID, as Twilio makes them
@@ -78,19 +80,23 @@ class WebhookReceiver:
     """ASGI app for the two webhook routes; everything it accepts is on disk."""
 
     def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, state: ServerState,
-                 max_body: int, deadlines: AckDeadlines, metrics: Metrics) -> None:
+                 max_body: int, deadlines: AckDeadlines, metrics: Metrics,
+                 clients: ClientResolver | None = None) -> None:
         self.intake = intake
         self.checker = checker
         self.state = state  # its public_url is known once the listener is bound
         self.max_body = max_body
         self.deadlines = deadlines  # bounds each wait for the journal to http.ack_timeout
         self.metrics = metrics
+        self.clients = clients or ClientResolver(())  # no proxies trusted: the peer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = ROUTES[scope["path"]]
         started = time.perf_counter()
+        headers = headers_of(scope)
+        client = self.clients.client(scope)
         try:
-            outcome = await self._handle(route, scope, receive)
+            outcome = await self._handle(route, scope, headers, client, receive)
         except Refused as refused:
             outcome = Outcome(refused.http_status, refused.reason)
         except Exception as error:  # a bug of ours or the server's; trio.Cancelled passes
@@ -99,26 +105,39 @@ class WebhookReceiver:
             await respond(send, outcome.http_status, outcome.reason,
                           allow="POST" if outcome.http_status == 405 else None)
         finally:  # counted even if the answer cannot be sent: the outcome stands
-            self._account(route, outcome, time.perf_counter() - started)
+            self._account(route, outcome, time.perf_counter() - started,
+                          {"client": client, "path": scope["path"],
+                           "user_agent": user_agent_of(headers.get(b"user-agent"))})
 
-    async def _handle(self, route: Route, scope: Scope, receive: Receive) -> Outcome:
+    async def _handle(self, route: Route, scope: Scope, headers: Mapping[bytes, bytes],
+                      client: str, receive: Receive) -> Outcome:
         if scope["method"] != "POST":
             raise Refused(405, "method not allowed")
-        headers = headers_of(scope)
         body = await read_body(receive, headers, self.max_body)
         if headers.get(b"content-type", b"").split(b";")[0].strip().lower() != FORM_TYPE:
             raise Refused(415, "expected application/x-www-form-urlencoded")
         pairs = _parse_form(body)
-        url = self._url(scope)
         signature = headers.get(b"x-twilio-signature")
         if signature is None:
             raise Refused(403, "missing X-Twilio-Signature")
-        settings = headers.get(b"x-twilio-webhooks-signature-settings")
-        if not self.checker.check(url, pairs, signature.decode("latin-1"),
-                                  settings.decode("latin-1") if settings else None):
-            raise Refused(403, "signature does not match")
-        event = _event(route, url, scope, pairs, headers)
+        url = self._signed_url(self._url(scope), headers, pairs, signature.decode("latin-1"))
+        event = _event(route, url, scope, pairs, headers, client)
         return await self._journal(event)
+
+    def _signed_url(self, url: str, headers: Mapping[bytes, bytes],
+                    pairs: list[tuple[str, str]], signature: str) -> str:
+        """The URL `signature` is over: `url`, or failing that `url` with its host spelled
+        as the Host header spells it (Twilio signs the URL as typed in its console); else
+        Refused(403). The second HMAC only when the first fails, as ports are tried."""
+        raw = headers.get(b"x-twilio-webhooks-signature-settings")
+        settings = raw.decode("latin-1") if raw else None
+        if self.checker.check(url, pairs, signature, settings):
+            return url
+        host = headers.get(b"host")
+        respelled = host_respelled(url, host.decode("latin-1")) if host else None
+        if respelled is not None and self.checker.check(respelled, pairs, signature, settings):
+            return respelled  # kept with the event: the URL the signature can be re-checked on
+        raise Refused(403, "signature does not match")
 
     def _url(self, scope: Scope) -> str:
         """The URL Twilio requested: the public base plus the path and query as sent."""
@@ -133,11 +152,12 @@ class WebhookReceiver:
             return Outcome(503, str(ack), event)
         return Outcome(200, "journaled", event, ack)
 
-    def _account(self, route: Route, outcome: Outcome, seconds: float) -> None:
+    def _account(self, route: Route, outcome: Outcome, seconds: float,
+                 caller: dict[str, str | None]) -> None:
         self.metrics.callbacks.labels(route.name, str(outcome.http_status)).inc()
         event = outcome.event
         fields = {"route": route.name, "http_status": outcome.http_status,
-                  "ms": round(seconds * 1000, 3)}
+                  "ms": round(seconds * 1000, 3), **caller}
         if event is not None:
             fields.update(sid=event.sid, ref=event.ref, status=event.status, seq=outcome.seq)
         if outcome.http_status == 200:
@@ -156,7 +176,7 @@ def webhook_receiver(settings: Settings, intake: JournalIntake, *, state: Server
     assert settings.auth_token, "settings refuse webhooks without an auth token"
     return WebhookReceiver(intake, SignatureChecker(settings.auth_token), state=state,
                            max_body=settings.max_body_bytes, deadlines=deadlines,
-                           metrics=metrics)
+                           metrics=metrics, clients=ClientResolver(settings.trusted_proxies))
 
 
 def headers_of(scope: Scope) -> dict[bytes, bytes]:
@@ -192,7 +212,7 @@ def _parse_form(body: bytes) -> list[tuple[str, str]]:
 
 
 def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
-           headers: Mapping[bytes, bytes]) -> Event:
+           headers: Mapping[bytes, bytes], client: str) -> Event:
     form: dict[str, str] = {}
     for name, value in pairs:
         form.setdefault(name, value)
@@ -208,7 +228,7 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
         ref = None
     data = {"params": pairs, "url": url, "headers": {  # pairs are stored as JSON arrays
         k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
-        if k.startswith(KEPT_HEADER_PREFIXES)}}
+        if k.startswith(KEPT_HEADER_PREFIXES)}, "client": client}
     if route.name == "status":
         return Event("callback", "callback", utc_now(), sid=form["MessageSid"], ref=ref,
                      status=form["MessageStatus"], data=data)

@@ -55,8 +55,7 @@ from ..events import (
 )
 from ..http import openapi
 from ..http.connections import ConnectionConfig
-from ..http.edge import at_the_edge
-from ..http.server import Routes, fd_bind, hypercorn_config, serve_http
+from ..http.server import Routes, fd_bind, hypercorn_config, public_router, serve_http
 from ..http.state import ServerState
 from ..http.webhooks import (
     ROUTES,
@@ -327,7 +326,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
         nursery.start_soon(_report_tallies, link, metrics)
         async with trio.open_nursery() as serving:
             serving.start_soon(forwarder.run, inbox)
-            await serving.start(_serve, at_the_edge(app, settings), config, intake,
+            await serving.start(_serve, public_router(app, settings), config, intake,
                                 partial(drain_when, stop, state))
             gc.freeze()  # as the main process: what lives for good is not rescanned
             state.ready = True

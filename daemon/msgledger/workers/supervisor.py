@@ -25,8 +25,9 @@ from hypercorn.typing import ASGIFramework, HTTPScope
 
 from ..drain import drain_when
 from ..events import JournalIntake, Reply, Submission, hand_over
-from ..http.server import LISTEN_BACKLOG, Front, address_bind
+from ..http.server import Front, serve_admin
 from ..http.state import ServerState
+from ..listeners import Listeners, url_of
 from ..logs import get_logger
 from ..metrics import Metrics, TallyKey
 from ..settings import Settings
@@ -55,48 +56,35 @@ log = get_logger("msgledger.supervisor")
 Waiting = list[tuple[int, Reply]]
 
 
-def open_listener(host: str, port: int) -> socket.socket:
-    """The TCP listener every process accepts on (one socket, so the kernel hands each new
-    connection to whichever process asks first: the least busy one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 @dataclasses.dataclass(frozen=True)
 class FrontDeps:
     settings: Settings
     public_url: str
-    listener: socket.socket
+    listener: socket.socket  # the public one; each front is given it
     app: Front  # answers relayed requests: the main process's router and Quart app
     metrics: Metrics
     state: ServerState  # its store health is told to every front
 
 
-async def serve_by_fronts(intake: JournalIntake, front: Front, settings: Settings,
-                          state: ServerState, metrics: Metrics, stop: trio.Event, *,
+async def serve_by_fronts(intake: JournalIntake, front: Front, listeners: Listeners,
+                          settings: Settings, state: ServerState, metrics: Metrics,
+                          stop: trio.Event, *,
                           task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Have `http.workers` fronts serve HTTP on one listener while this process answers
-    what they relay with `front`'s app; started with the URL bound, once all listen.
+    """Have `http.workers` fronts serve HTTP on the public listener while this process
+    answers what they relay with `front`'s app, and serves the admin listener itself if
+    there is one; started with the public URL, once all listen.
 
     Closes `intake` and `front.intake` once the last front has gone."""
-    listener = open_listener(settings.listen_host, settings.listen_port)
-    host, port = listener.getsockname()[:2]
-    url = f"http://{address_bind(host, port)}"
+    url = url_of(listeners.public)
     state.public_url = state.public_url or url
-    deps = FrontDeps(settings, state.public_url, listener, front, metrics, state)
+    deps = FrontDeps(settings, state.public_url, listeners.public, front, metrics, state)
     with front.intake:
         async with open_app(front), trio.open_nursery() as nursery:
             nursery.start_soon(drain_when, stop, state)
             await nursery.start(run_fronts, intake, deps, settings.workers, stop)
+            if listeners.admin is not None:
+                await nursery.start(serve_admin, front.app, listeners.admin, settings, metrics,
+                                    stop)
             task_status.started(url)
 
 
