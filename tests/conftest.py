@@ -106,7 +106,7 @@ async def open_ledger(environ: Mapping[str, str]) -> AsyncIterator[Ledger]:
                                               handle_signals=False))
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
             yield Ledger(running.url, running.public_url, Path(settings_.store_path), client,
-                         stop, settings_.workers, running.admin_url)
+                         stop, settings_.http_workers, running.admin_url)
         stop.set()
 
 

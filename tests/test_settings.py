@@ -40,19 +40,19 @@ def config_error(path: Path | None = None, environ: dict[str, str] | None = None
 def test_defaults() -> None:
     """With no file and no environment but a token, every key takes its documented default."""
     s = settings.load(None, environ=TOKEN)
-    assert (s.listen_host, s.listen_port) == ("127.0.0.1", 8080)
-    assert s.public_url is None
+    assert (s.http_listen_host, s.http_listen_port) == ("127.0.0.1", 8080)
+    assert s.http_public_url is None
     assert s.store_path == "msgledger.db"
-    assert s.overdue_after == 43200.0
-    assert s.poll_interval == 300.0
-    assert s.reconcile_daily_at == "03:30"
-    assert s.lookback_days == 2
-    assert s.ack_timeout == 5.0
-    assert s.max_body_bytes == 65536
-    assert s.webhooks is True
-    assert s.api_base_url == "https://api.twilio.com"
+    assert s.poller_overdue_after == 43200.0
+    assert s.poller_interval == 300.0
+    assert s.reconciler_daily_at == "03:30"
+    assert s.reconciler_lookback_days == 2
+    assert s.http_ack_timeout == 5.0
+    assert s.http_max_body_bytes == 65536
+    assert s.http_webhooks is True
+    assert s.twilio_api_base_url == "https://api.twilio.com"
     assert s.api_token is None
-    assert s.account_sid is None
+    assert s.twilio_account_sid is None
 
 
 def test_file_values(tmp_path: Path) -> None:
@@ -78,14 +78,15 @@ daily_at = "23:59"
 lookback_days = 5
 """)
     s = settings.load(path, environ={})
-    assert (s.listen_host, s.listen_port) == ("0.0.0.0", 9000)
-    assert s.public_url == "https://ledger.example.com"
-    assert s.max_body_bytes == 1024
-    assert s.ack_timeout == 0.25
+    assert (s.http_listen_host, s.http_listen_port) == ("0.0.0.0", 9000)
+    assert s.http_public_url == "https://ledger.example.com"
+    assert s.http_max_body_bytes == 1024
+    assert s.http_ack_timeout == 0.25
     assert s.store_path == "/var/lib/msgledger/ledger.db"
-    assert (s.account_sid, s.auth_token, s.api_token) == (SID, "file-token", "api-secret")
-    assert (s.overdue_after, s.poll_interval) == (5400.0, 2.0)
-    assert (s.reconcile_daily_at, s.lookback_days) == ("23:59", 5)
+    assert (s.twilio_account_sid, s.twilio_auth_token) == (SID, "file-token")
+    assert s.api_token == "api-secret"
+    assert (s.poller_overdue_after, s.poller_interval) == (5400.0, 2.0)
+    assert (s.reconciler_daily_at, s.reconciler_lookback_days) == ("23:59", 5)
 
 
 def test_environment_beats_file(tmp_path: Path) -> None:
@@ -95,16 +96,16 @@ def test_environment_beats_file(tmp_path: Path) -> None:
                                      "MSGLEDGER_POLLER_INTERVAL": "10s",
                                      "MSGLEDGER_RECONCILER_LOOKBACK_DAYS": "7",
                                      "MSGLEDGER_HTTP_WEBHOOKS": "false"})
-    assert s.listen_port == 7000
-    assert s.poll_interval == 10.0
-    assert s.lookback_days == 7
-    assert s.webhooks is False
+    assert s.http_listen_port == 7000
+    assert s.poller_interval == 10.0
+    assert s.reconciler_lookback_days == 7
+    assert s.http_webhooks is False
 
 
 def test_twilio_library_variables_are_read() -> None:
     """`TWILIO_AUTH_TOKEN` and `TWILIO_ACCOUNT_SID` fill the twilio credentials."""
     s = settings.load(None, environ={"TWILIO_AUTH_TOKEN": "lib-token", "TWILIO_ACCOUNT_SID": SID})
-    assert (s.auth_token, s.account_sid) == ("lib-token", SID)
+    assert (s.twilio_auth_token, s.twilio_account_sid) == ("lib-token", SID)
 
 
 def test_msgledger_variables_beat_twilio_variables() -> None:
@@ -113,7 +114,7 @@ def test_msgledger_variables_beat_twilio_variables() -> None:
     s = settings.load(None, environ={
         "TWILIO_AUTH_TOKEN": "lib-token", "MSGLEDGER_TWILIO_AUTH_TOKEN": "our-token",
         "TWILIO_ACCOUNT_SID": SID, "MSGLEDGER_TWILIO_ACCOUNT_SID": other_sid})
-    assert (s.auth_token, s.account_sid) == ("our-token", other_sid)
+    assert (s.twilio_auth_token, s.twilio_account_sid) == ("our-token", other_sid)
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -212,8 +213,8 @@ def test_auth_token_required_while_webhooks_on() -> None:
 
 def test_auth_token_optional_without_webhooks() -> None:
     """With webhooks off, or for the offline commands, no auth token is needed."""
-    assert settings.load(None, environ={"MSGLEDGER_HTTP_WEBHOOKS": "false"}).webhooks is False
-    assert settings.load(None, environ={}, require_secrets=False).auth_token is None
+    assert settings.load(None, environ={"MSGLEDGER_HTTP_WEBHOOKS": "false"}).http_webhooks is False
+    assert settings.load(None, environ={}, require_secrets=False).twilio_auth_token is None
 
 
 def test_overrides_sit_between_file_and_environment(tmp_path: Path) -> None:
@@ -221,7 +222,7 @@ def test_overrides_sit_between_file_and_environment(tmp_path: Path) -> None:
     path = write(tmp_path, '[http]\nlisten = "0.0.0.0:9000"\n[api]\ntoken = "file"\n')
     s = settings.load(path, environ={**TOKEN, "MSGLEDGER_API_TOKEN": "env"},
                       overrides={"http": {"listen": "127.0.0.1:9001"}, "api": {"token": "ovr"}})
-    assert (s.listen_port, s.api_token) == (9001, "env")
+    assert (s.http_listen_port, s.api_token) == (9001, "env")
 
 
 @pytest.mark.parametrize("url", ["https://ledger.example.com:99999",
@@ -261,9 +262,9 @@ def test_public_url_is_required_beyond_loopback() -> None:
         settings.load(None, environ=base)
     given = settings.load(None, environ={**base,
                                          "MSGLEDGER_HTTP_PUBLIC_URL": "https://l.example.com"})
-    assert given.public_url == "https://l.example.com"
+    assert given.http_public_url == "https://l.example.com"
     off = settings.load(None, environ={**base, "MSGLEDGER_HTTP_WEBHOOKS": "false"})
-    assert off.webhooks is False
+    assert off.http_webhooks is False
 
 
 def test_credentials_in_public_url_are_refused_unprinted(tmp_path: Path) -> None:

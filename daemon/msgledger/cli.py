@@ -112,8 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                         if isinstance(error, ExceptionGroup) else (error, None))
         if failed is None or rest is not None:
             raise  # not (only) a start-up failure: a bug, and its traceback belongs in the log
-        log.error("start_failed", error=_describe(failed), listen=settings.listen_host,
-                  port=settings.listen_port, store=settings.store_path)
+        log.error("start_failed", error=_describe(failed), listen=settings.http_listen_host,
+                  port=settings.http_listen_port, store=settings.store_path)
         return EXIT_START_FAILED
     return 0
 
@@ -250,7 +250,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not _store_exists(settings.store_path):
         return EXIT_STORE
     now = dt.datetime.now(dt.UTC)
-    cutoff = store.overdue_cutoff(settings.overdue_after, now)
+    cutoff = store.overdue_cutoff(settings.poller_overdue_after, now)
     conn = store.connect(settings.store_path, readonly=True)
     try:
         conn.execute("BEGIN")

@@ -34,21 +34,23 @@ def dev_overrides() -> dict[str, dict[str, object]]:
 def throwaway_credentials(settings: Settings) -> Settings:
     """Fresh credentials over whatever the environment holds, so a real token is never
     used, or printed, by a trial; and a refusal to listen beyond loopback."""
-    if not is_loopback(settings.listen_host):
+    if not is_loopback(settings.http_listen_host):
         raise ConfigError(
-            f"http.listen: --dev listens on loopback only, not {settings.listen_host}")
+            f"http.listen: --dev listens on loopback only, not {settings.http_listen_host}")
     return dataclasses.replace(
-        settings, auth_token=secrets.token_hex(16), account_sid="AC" + secrets.token_hex(16),
-        api_token=secrets.token_urlsafe(18), public_url=None)
+        settings, twilio_auth_token=secrets.token_hex(16),
+        twilio_account_sid="AC" + secrets.token_hex(16), api_token=secrets.token_urlsafe(18),
+        http_public_url=None)
 
 
 async def run_dev(settings: Settings) -> None:
     """Start the simulator, then the daemon pointed at it; stop both on SIGTERM/SIGINT."""
-    assert settings.account_sid and settings.auth_token
-    knobs = SimKnobs(settings.account_sid, settings.auth_token, step_delay=DEV_STEP_DELAY)
+    assert settings.twilio_account_sid and settings.twilio_auth_token
+    knobs = SimKnobs(settings.twilio_account_sid, settings.twilio_auth_token,
+                     step_delay=DEV_STEP_DELAY)
     async with trio.open_nursery() as outer:
         sim = await outer.start(partial(serve_sim, knobs))
-        wired = dataclasses.replace(settings, api_base_url=sim.base_url)
+        wired = dataclasses.replace(settings, twilio_api_base_url=sim.base_url)
         async with trio.open_nursery() as inner:
             running = await inner.start(main.run, wired)
             log.info("dev_ready", simulator=sim.base_url, api_token=settings.api_token,

@@ -57,10 +57,10 @@ def open_listeners(settings: Settings) -> Listeners:
         raise
     activated = public is not None
     if public is None:
-        public = bind_tcp(settings.listen_host, settings.listen_port)
-    if admin is None and settings.admin_listen is not None:
+        public = bind_tcp(settings.http_listen_host, settings.http_listen_port)
+    if admin is None and settings.http_admin_listen is not None:
         try:
-            admin = bind_admin(settings.admin_listen)
+            admin = bind_admin(settings.http_admin_listen)
         except OSError:
             public.close()
             raise
@@ -77,7 +77,7 @@ def _sort_passed(passed: list[tuple[str, socket.socket]], settings: Settings
     if len(public) > 1 or len(admin) > 1:
         raise ConfigError(f"LISTEN_FDS: expected one socket and at most one named {ADMIN_NAME!r},"
                           f" got {[name for name, _ in passed]}")
-    if admin and settings.admin_listen is None:
+    if admin and settings.http_admin_listen is None:
         raise ConfigError("http.admin_listen: systemd passed an 'admin' socket; set"
                           " http.admin_listen to the address it listens on")
     if admin and not public:

@@ -65,7 +65,7 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
                 if handle_signals:
                     root.start_soon(watch_signals, stop, root.cancel_scope)
                 root.start_soon(run_checkpoints, lambda: writer.tail,
-                                settings.checkpoint_interval)
+                                settings.store_checkpoint_interval)
                 await _run_services(settings, listeners, stop, writer, task_status)
                 root.cancel_scope.cancel()  # everything drained: end the watchers
         finally:
@@ -78,15 +78,15 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
 
 async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Event,
                         writer: JournalWriter, task_status: trio.TaskStatus[Running]) -> None:
-    state, metrics = ServerState(public_url=settings.public_url), Metrics()
+    state, metrics = ServerState(public_url=settings.http_public_url), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
-    deadlines = AckDeadlines(settings.ack_timeout)
+    deadlines = AckDeadlines(settings.http_ack_timeout)
     async with trio.open_nursery() as services:
         await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
                                      deadlines=deadlines, health=state.report_store))
         with intake:
             front = _front(settings, state, metrics, deadlines, intake.clone())
-            serve = (_serve_front if settings.workers == 1
+            serve = (_serve_front if settings.http_workers == 1
                      else partial(serve_by_fronts, intake.clone()))
         admin_url = url_of(listeners.admin) if listeners.admin else None
         url = await services.start(serve, front, listeners, settings, state, metrics, stop)
@@ -97,7 +97,7 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
         state.ready = True
         systemd.notify("READY=1")
         log.info("daemon_ready", url=url, public_url=state.public_url, admin_url=admin_url,
-                 workers=settings.workers)
+                 workers=settings.http_workers)
         task_status.started(Running(url, state.public_url, admin_url))
 
 
@@ -106,19 +106,19 @@ def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: 
     """The HTTP front and everything it feeds; all of it shares one intake clone."""
     receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
                                 metrics=metrics)
-    sender = Sender(intake, _twilio_api(settings), keep_body=settings.keep_body,
-                    ack_timeout=settings.ack_timeout, public_url=lambda: str(state.public_url))
+    sender = Sender(intake, _twilio_api(settings), keep_body=settings.store_keep_body,
+                    ack_timeout=settings.http_ack_timeout, public_url=lambda: str(state.public_url))
     app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,
-                             intake, settings.ack_timeout, settings.overdue_after,
-                             settings.keep_body))
+                             intake, settings.http_ack_timeout, settings.poller_overdue_after,
+                             settings.store_keep_body))
     return Front(receiver, app, intake)
 
 
 def _twilio_api(settings: Settings) -> TwilioApi | None:
-    if not (settings.account_sid and settings.auth_token):
+    if not (settings.twilio_account_sid and settings.twilio_auth_token):
         return None
     return TwilioApi(TwilioConfig(
-        settings.account_sid, settings.auth_token, settings.api_base_url,
+        settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url,
         concurrency=settings.twilio_concurrency, timeout=settings.twilio_timeout,
         backoff=settings.twilio_retry_backoff))
 

@@ -28,40 +28,43 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the daemon reads from its configuration, parsed and checked."""
+    """Everything the daemon reads from its configuration, parsed and checked. Each
+    attribute is named `<section>_<key>` after its key, as its environment variable is
+    (`MSGLEDGER_HTTP_ACK_TIMEOUT` is `http_ack_timeout`); `http.listen` is two of them."""
 
-    listen_host: str
-    listen_port: int
-    public_url: str | None  # scheme://host[:port][/prefix]; None: http://<the address bound>
-    max_body_bytes: int
-    ack_timeout: float  # seconds
-    graceful_timeout: float  # seconds
-    webhooks: bool
-    workers: int  # processes serving HTTP: 1 is the main one, more are that many fronts
-    read_timeout: float  # seconds a request body may take to arrive in full
-    admin_listen: str | None  # host:port or a unix socket path for /v1 and /metrics; None: listen
-    trusted_proxies: tuple[str, ...]  # CIDRs whose X-Forwarded-For / Forwarded name the client
+    http_listen_host: str
+    http_listen_port: int
+    http_public_url: str | None  # scheme://host[:port][/prefix]; None: http://<the address bound>
+    http_max_body_bytes: int
+    http_ack_timeout: float  # seconds
+    http_graceful_timeout: float  # seconds
+    http_webhooks: bool
+    http_workers: int  # processes serving HTTP: 1 is the main one, more are that many fronts
+    http_read_timeout: float  # seconds a request body may take to arrive in full
+    http_admin_listen: str | None  # host:port or unix socket path for /v1 and /metrics
+    http_trusted_proxies: tuple[str, ...]  # CIDRs whose X-Forwarded-For / Forwarded count
     store_path: str
-    checkpoint_interval: float  # seconds between journal_checkpoint lines while it grows
-    keep_body: str  # "full" | "hash" | "none"
-    account_sid: str | None
-    auth_token: str | None
-    api_base_url: str
+    store_checkpoint_interval: float  # seconds between journal_checkpoint lines
+    store_keep_body: str  # "full" | "hash" | "none"
+    twilio_account_sid: str | None
+    twilio_auth_token: str | None
+    twilio_api_base_url: str
     twilio_concurrency: int
     twilio_timeout: float
     twilio_retry_backoff: float
     api_token: str | None
-    overdue_after: float
-    poll_interval: float
-    reconcile_daily_at: str
-    lookback_days: int
+    poller_overdue_after: float
+    poller_interval: float
+    reconciler_daily_at: str
+    reconciler_lookback_days: int
     log_level: str
     log_access: bool  # one line per /v1, /metrics and /healthz request
 
     @property
-    def prefix(self) -> str:
-        """The path of `public_url` ("/ledger"), under which every route also answers; ""."""
-        return urlsplit(self.public_url).path if self.public_url else ""
+    def public_prefix(self) -> str:
+        """The path of `http_public_url` ("/ledger"), under which every route also
+        answers; "" when it has none."""
+        return urlsplit(self.http_public_url).path if self.http_public_url else ""
 
 
 # --- value parsers: each takes the raw TOML or environment value and returns the parsed one.
@@ -357,32 +360,5 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")
-    return Settings(
-        listen_host=host,
-        listen_port=port,
-        public_url=p["http.public_url"],
-        max_body_bytes=p["http.max_body_bytes"],
-        ack_timeout=p["http.ack_timeout"],
-        graceful_timeout=p["http.graceful_timeout"],
-        webhooks=p["http.webhooks"],
-        workers=p["http.workers"],
-        read_timeout=p["http.read_timeout"],
-        admin_listen=p["http.admin_listen"],
-        trusted_proxies=p["http.trusted_proxies"],
-        store_path=p["store.path"],
-        checkpoint_interval=p["store.checkpoint_interval"],
-        keep_body=p["store.keep_body"],
-        account_sid=sid,
-        auth_token=p["twilio.auth_token"],
-        api_base_url=p["twilio.api_base_url"],
-        twilio_concurrency=p["twilio.concurrency"],
-        twilio_timeout=p["twilio.timeout"],
-        twilio_retry_backoff=p["twilio.retry_backoff"],
-        api_token=p["api.token"],
-        overdue_after=p["poller.overdue_after"],
-        poll_interval=p["poller.interval"],
-        reconcile_daily_at=p["reconciler.daily_at"],
-        lookback_days=p["reconciler.lookback_days"],
-        log_level=p["log.level"],
-        log_access=p["log.access"],
-    )
+    fields = {key.replace(".", "_"): value for key, value in p.items() if key != "http.listen"}
+    return Settings(http_listen_host=host, http_listen_port=port, **fields)

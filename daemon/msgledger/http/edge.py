@@ -60,7 +60,7 @@ def at_the_edge(router: ASGIFramework, settings: Settings, *,
     `webhooks`: whether this listener serves them (the admin listener does not)."""
     app = router
     if settings.log_access:  # the webhook routes log their own line, where they are served
-        served = webhooks and settings.webhooks
-        app = AccessLog(app, ClientResolver(settings.trusted_proxies),
+        served = webhooks and settings.http_webhooks
+        app = AccessLog(app, ClientResolver(settings.http_trusted_proxies),
                         skip=frozenset(ROUTES) if served else frozenset())
-    return Prefixed(app, settings.prefix) if settings.prefix else app
+    return Prefixed(app, settings.public_prefix) if settings.public_prefix else app

@@ -80,7 +80,7 @@ class PublicOnly:
 def public_router(router: ASGIFramework, settings: Settings) -> ASGIFramework:
     """What the public listener serves: `router`, less `/v1` and `/metrics` if they have a
     listener of their own."""
-    return at_the_edge(router if settings.admin_listen is None else PublicOnly(router),
+    return at_the_edge(router if settings.http_admin_listen is None else PublicOnly(router),
                        settings)
 
 
@@ -90,9 +90,9 @@ def fd_bind(fd: int) -> str:
 
 
 def hypercorn_config(bind: str, settings: Settings, metrics: Metrics) -> ConnectionConfig:
-    config = ConnectionConfig(metrics, body_timeout=settings.read_timeout)
+    config = ConnectionConfig(metrics, body_timeout=settings.http_read_timeout)
     config.bind = [bind]
-    config.graceful_timeout = settings.graceful_timeout
+    config.graceful_timeout = settings.http_graceful_timeout
     config.backlog = LISTEN_BACKLOG  # hypercorn listens again with it, fd:// sockets too
     config.keep_alive_max_requests = KEEP_ALIVE_MAX_REQUESTS
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT

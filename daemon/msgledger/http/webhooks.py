@@ -171,12 +171,12 @@ class WebhookReceiver:
 def webhook_receiver(settings: Settings, intake: JournalIntake, *, state: ServerState,
                      deadlines: AckDeadlines, metrics: Metrics) -> WebhookReceiver | None:
     """The receiver `settings` ask for, or None when webhooks are off."""
-    if not settings.webhooks:
+    if not settings.http_webhooks:
         return None
-    assert settings.auth_token, "settings refuse webhooks without an auth token"
-    return WebhookReceiver(intake, SignatureChecker(settings.auth_token), state=state,
-                           max_body=settings.max_body_bytes, deadlines=deadlines,
-                           metrics=metrics, clients=ClientResolver(settings.trusted_proxies))
+    assert settings.twilio_auth_token, "settings refuse webhooks without an auth token"
+    return WebhookReceiver(intake, SignatureChecker(settings.twilio_auth_token), state=state,
+                           max_body=settings.http_max_body_bytes, deadlines=deadlines,
+                           metrics=metrics, clients=ClientResolver(settings.http_trusted_proxies))
 
 
 def headers_of(scope: Scope) -> dict[bytes, bytes]:

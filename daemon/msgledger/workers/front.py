@@ -311,7 +311,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     structlog.contextvars.bind_contextvars(worker=worker)
     state = ServerState(public_url=public_url)
     forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token, routes), Metrics()
-    deadlines = AckDeadlines(settings.ack_timeout)
+    deadlines = AckDeadlines(settings.http_ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
                                 metrics=metrics)
@@ -395,5 +395,5 @@ def _settings_from(frame: Frame) -> tuple[Settings, str, Routes]:
     name, values, public_url, routes = frame
     if name != "settings":
         raise RuntimeError(f"the main process sent {name!r} before the settings")
-    values["trusted_proxies"] = tuple(values["trusted_proxies"])  # JSON made it a list
+    values["http_trusted_proxies"] = tuple(values["http_trusted_proxies"])  # JSON: a list
     return Settings(**values), public_url, [(rule, methods) for rule, methods in routes]

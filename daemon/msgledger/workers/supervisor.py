@@ -81,7 +81,7 @@ async def serve_by_fronts(intake: JournalIntake, front: Front, listeners: Listen
     with front.intake:
         async with open_app(front), trio.open_nursery() as nursery:
             nursery.start_soon(drain_when, stop, state)
-            await nursery.start(run_fronts, intake, deps, settings.workers, stop)
+            await nursery.start(run_fronts, intake, deps, settings.http_workers, stop)
             if listeners.admin is not None:
                 await nursery.start(serve_admin, front.app, listeners.admin, settings, metrics,
                                     stop)
@@ -215,7 +215,7 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
     await stop.wait()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await link.send(["drain"])
-    await trio.sleep(settings.graceful_timeout + settings.ack_timeout + DRAIN_MARGIN)
+    await trio.sleep(settings.http_graceful_timeout + settings.http_ack_timeout + DRAIN_MARGIN)
     log.error("front_killed", pid=process.pid, why="did not drain in time")
     process.kill()
 
