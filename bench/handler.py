@@ -40,6 +40,7 @@ from msgledger.http.signature import SignatureChecker
 from msgledger.http.state import ServerState
 from msgledger.http.webhooks import WebhookReceiver
 from msgledger.journal import run_journal
+from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 from msgledger.store import JournalWriter
 
@@ -77,21 +78,23 @@ async def one_round(requests: list[Request], workdir: str) -> tuple[float, float
     writer = JournalWriter.open(os.path.join(workdir, f"{time.monotonic_ns()}.db"))
     metrics, deadlines = Metrics(), AckDeadlines(5.0)
     intake, inbox = trio.open_memory_channel[Submission](1024)
-    receiver = WebhookReceiver(intake, SignatureChecker(AUTH_TOKEN),
+    receiver = WebhookReceiver(JournalClient(intake, deadlines), SignatureChecker(AUTH_TOKEN),
                                state=ServerState(public_url=PUBLIC_URL), max_body=65536,
-                               deadlines=deadlines, metrics=metrics)
+                               metrics=metrics)
     answers: list[int] = []
     pending = iter(requests)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
-                                        deadlines=deadlines))
-            with intake:
-                started = (time.perf_counter(), time.thread_time(), time.process_time())
-                async with trio.open_nursery() as load:
-                    for _ in range(PRODUCERS):
-                        load.start_soon(_produce, receiver, pending, answers)
-                ended = (time.perf_counter(), time.thread_time(), time.process_time())
+        async with trio.open_nursery() as timers:
+            timers.start_soon(deadlines.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(run_journal, inbox, writer=writer, metrics=metrics))
+                with intake:
+                    started = (time.perf_counter(), time.thread_time(), time.process_time())
+                    async with trio.open_nursery() as load:
+                        for _ in range(PRODUCERS):
+                            load.start_soon(_produce, receiver, pending, answers)
+                    ended = (time.perf_counter(), time.thread_time(), time.process_time())
+            timers.cancel_scope.cancel()  # the journal has ended: every reply is answered
     finally:
         writer.close()
     if answers.count(200) != len(requests):

@@ -11,9 +11,9 @@ process's CPU time per event. The variants, in the order msgledger went through 
 - `channel+scope`: a one-slot memory channel pair per event, awaited inside
   `trio.move_on_after` (STYLE.md's letter);
 - `reply+scope`:   `events.Reply`, a bare future, inside `trio.move_on_after`
-  (`events.journal_within`, which the sender still uses);
+  (`JournalClient.journal_shielded`, the sender's way);
 - `reply+deadlines`: `events.Reply` bounded by `deadlines.AckDeadlines`, one timer for all
-  (the webhook route).
+  (`JournalClient.journal`, the webhook route's).
 
 Rounds alternate the variants and the medians are printed with the ratio to the first.
 """
@@ -28,12 +28,13 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from msgledger.deadlines import AckDeadlines
-from msgledger.events import Ack, Event, JournalInbox, JournalIntake, Submission, journal_within
+from msgledger.events import Ack, Event, JournalInbox, JournalIntake, Submission
+from msgledger.journal_client import JournalClient
 
 EVENT = Event("callback", "callback", "2026-11-26T00:00:00.000000+00:00", sid="SM1",
               status="delivered")
 ACK_TIMEOUT = 5.0  # seconds, http.ack_timeout's default
-Handoff = Callable[[JournalIntake], Awaitable[Ack]]
+Handoff = Callable[[JournalIntake, JournalClient], Awaitable[Ack]]
 
 
 async def consume(inbox: JournalInbox) -> None:
@@ -50,7 +51,7 @@ async def consume(inbox: JournalInbox) -> None:
             submission.reply.answer(seq + 1)
 
 
-async def channel_and_scope(intake: JournalIntake) -> Ack:
+async def channel_and_scope(intake: JournalIntake, _: JournalClient) -> Ack:
     """The handoff as first written: a memory channel pair per event."""
     reply_send, reply_receive = trio.open_memory_channel[Ack](1)
     answer: Ack = 0
@@ -85,24 +86,26 @@ async def run_variant(handoff: Handoff, producers: int, events: int,
         started = time.process_time()
         async with trio.open_nursery() as load:
             for _ in range(producers):
-                load.start_soon(_produce, handoff, intake, per_producer)
+                load.start_soon(_produce, handoff, intake, JournalClient(intake, deadlines),
+                                per_producer)
         spent = time.process_time() - started
         intake.close()
         nursery.cancel_scope.cancel()
     return spent / (per_producer * producers) * 1e6
 
 
-async def _produce(handoff: Handoff, intake: JournalIntake, count: int) -> None:
+async def _produce(handoff: Handoff, intake: JournalIntake, client: JournalClient,
+                   count: int) -> None:
     for _ in range(count):
-        await handoff(intake)
+        await handoff(intake, client)
 
 
 async def main(producers: int, events: int, rounds: int) -> None:
     deadlines = AckDeadlines(ACK_TIMEOUT)
     variants: dict[str, Handoff] = {
         "channel+scope": channel_and_scope,
-        "reply+scope": lambda intake: journal_within(intake, EVENT, ACK_TIMEOUT),
-        "reply+deadlines": lambda intake: deadlines.journal(intake, EVENT),
+        "reply+scope": lambda _, client: client.journal_shielded(EVENT),
+        "reply+deadlines": lambda _, client: client.journal(EVENT),
     }
     results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):

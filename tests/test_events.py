@@ -1,4 +1,5 @@
-"""The journal's reply future and the producers' bounded wait for it."""
+"""The journal's reply future, and the producers' one way to the journal: `JournalClient`,
+whose every wait is bounded by the deadline queue or, shielded, by a scope of its own."""
 
 from __future__ import annotations
 
@@ -6,32 +7,28 @@ import trio
 import trio.testing
 
 from msgledger.deadlines import CHECK_EVERY, AckDeadlines
-from msgledger.events import (
-    Ack,
-    Event,
-    JournalUnavailable,
-    Reply,
-    Submission,
-    journal,
-    journal_within,
-)
+from msgledger.events import Ack, Event, JournalIntake, JournalUnavailable, Reply, Submission
+from msgledger.journal_client import JournalClient
 
 EVENT = Event("callback", "callback", "2024-05-01T10:00:00.000000+00:00", sid="SM1",
               status="sent")
 
 
 async def test_answer_wakes_the_waiting_producer() -> None:
-    """A producer waiting on its reply gets exactly the answer the journal gave."""
+    """A producer waiting on its reply gets exactly the answer the journal gave, once it is
+    given: not before (it was still waiting), and not never (the bound would fail)."""
     reply = Reply()
-    async with trio.open_nursery() as nursery:
-        got: list[object] = []
+    got: list[object] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
 
-        async def wait() -> None:
-            got.append(await reply.wait())
+            async def wait() -> None:
+                got.append(await reply.wait())
 
-        nursery.start_soon(wait)
-        await trio.testing.wait_all_tasks_blocked()
-        reply.answer(42)
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # still waiting: nothing answered yet
+            reply.answer(42)
     assert got == [42]
 
 
@@ -51,14 +48,16 @@ async def test_a_producer_that_gave_up_is_not_woken(autojump_clock: trio.abc.Clo
     reply.answer(3)  # the journal committed the event later; no one to wake
 
 
-async def test_journal_within_answers_unavailable_on_timeout(
+async def test_a_shielded_wait_answers_unavailable_at_its_bound(
         autojump_clock: trio.abc.Clock) -> None:
-    """A journal that never answers makes the producer's wait end with JournalUnavailable
-    after exactly its bound."""
+    """A journal that never answers ends a shielded wait with JournalUnavailable after
+    exactly the bound, even with the caller cancelled meanwhile (a shutdown)."""
     intake, inbox = trio.open_memory_channel[Submission](1)
-    with inbox:
+    with inbox, trio.fail_after(60):
         started = trio.current_time()
-        ack = await journal_within(intake, EVENT, 5.0)
+        with trio.CancelScope() as shutdown:
+            shutdown.cancel()  # already cancelled: the shield must still let it finish
+            ack = await JournalClient(intake, AckDeadlines(5.0)).journal_shielded(EVENT)
         assert isinstance(ack, JournalUnavailable)
         assert trio.current_time() - started == 5.0
         assert inbox.receive_nowait().event is EVENT  # it was handed over, just not answered
@@ -67,35 +66,38 @@ async def test_journal_within_answers_unavailable_on_timeout(
 async def test_journal_answers_through_the_submission() -> None:
     """`journal` hands the event over and returns what the consumer answered."""
     intake, inbox = trio.open_memory_channel[Submission](1)
-    async with trio.open_nursery() as nursery:
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
 
-        async def consume() -> None:
-            submission = await inbox.receive()
-            submission.reply.answer(11)
+            async def consume() -> None:
+                submission = await inbox.receive()
+                submission.reply.answer(11)
 
-        nursery.start_soon(consume)
-        assert await journal(intake, EVENT) == 11
+            nursery.start_soon(consume)
+            assert await JournalClient(intake, AckDeadlines(5.0)).journal(EVENT) == 11
 
 
 async def test_full_intake_pushes_back_and_closed_intake_is_unavailable(
         autojump_clock: trio.abc.Clock) -> None:
     """A full intake makes the producer wait for room; a closed one answers at once."""
     intake, inbox = trio.open_memory_channel[Submission](0)
+    journal = JournalClient(intake, AckDeadlines(5.0))
     with trio.move_on_after(1) as scope:
-        await journal(intake, EVENT)  # nobody receives: blocked in send, not in the reply
+        await journal.journal(EVENT)  # nobody receives: blocked in send, not in the reply
     assert scope.cancelled_caught
     inbox.close()
-    assert isinstance(await journal(intake, EVENT), JournalUnavailable)
+    with trio.fail_after(1):
+        assert isinstance(await journal.journal(EVENT), JournalUnavailable)
 
 
-async def _journal_through(deadlines: AckDeadlines,
-                           intake: trio.MemorySendChannel[Submission]) -> tuple[Ack, float]:
-    """Journal EVENT through `deadlines` (its timer running): the answer and the wait."""
+async def _journal_through(deadlines: AckDeadlines, intake: JournalIntake) -> tuple[Ack, float]:
+    """Journal EVENT through a client on `deadlines` (its timer running): the answer and
+    the wait."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(deadlines.run)
             started = trio.current_time()
-            ack = await deadlines.journal(intake, EVENT)
+            ack = await JournalClient(intake, deadlines).journal(EVENT)
             nursery.cancel_scope.cancel()
     return ack, trio.current_time() - started
 
@@ -117,7 +119,8 @@ async def test_deadlines_keep_answers_and_stop_at_the_first_live_wait() -> None:
     oldest wait that is neither answered nor due."""
     deadlines = AckDeadlines(5.0)
     answered, due, live = Reply(), Reply(), Reply()
-    deadlines._waiting.extend([(1.0, answered), (2.0, due), (9.0, live)])  # set times
+    for deadline, reply in [(1.0, answered), (2.0, due), (9.0, live)]:
+        deadlines.watch(deadline, reply)
     answered.answer(1)
     deadlines.expire(now=3.0)
     assert len(deadlines) == 1  # only the live wait is still watched
@@ -153,13 +156,14 @@ async def test_journal_closing_under_a_blocked_producer_is_unavailable() -> None
     """A journal that goes away while a producer waits for room answers JournalUnavailable,
     never an exception."""
     intake, inbox = trio.open_memory_channel[Submission](0)
-    async with trio.open_nursery() as nursery:
-        got: list[object] = []
+    got: list[object] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
 
-        async def produce() -> None:
-            got.append(await journal(intake, EVENT))
+            async def produce() -> None:
+                got.append(await JournalClient(intake, AckDeadlines(60)).journal(EVENT))
 
-        nursery.start_soon(produce)
-        await trio.testing.wait_all_tasks_blocked()
-        inbox.close()
+            nursery.start_soon(produce)
+            await trio.testing.wait_all_tasks_blocked()
+            inbox.close()
     assert len(got) == 1 and isinstance(got[0], JournalUnavailable)

@@ -23,6 +23,7 @@ from msgledger.http import payloads
 from msgledger.http.signature import SignatureChecker
 from msgledger.http.state import ServerState
 from msgledger.http.webhooks import FORM_TYPE, WebhookReceiver
+from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 
 from .conftest import (
@@ -363,9 +364,9 @@ async def test_a_503_is_counted(tmp_path: Path, workers: str) -> None:
 
 def bare_receiver(metrics: Metrics) -> WebhookReceiver:
     intake, _ = trio.open_memory_channel[Submission](1)
-    return WebhookReceiver(intake, SignatureChecker(AUTH_TOKEN),
+    return WebhookReceiver(JournalClient(intake, AckDeadlines(1.0)), SignatureChecker(AUTH_TOKEN),
                            state=ServerState(public_url="http://ledger.test"),
-                           max_body=65536, deadlines=AckDeadlines(1.0), metrics=metrics)
+                           max_body=65536, metrics=metrics)
 
 
 def form_scope() -> dict[str, Any]:

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from msgledger import store
 from msgledger.deadlines import AckDeadlines
-from msgledger.events import Event, JournalUnavailable, Submission, journal, utc_now
+from msgledger.events import Event, JournalUnavailable, Submission, utc_now
 from msgledger.journal import run_journal
+from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 
 # Any text at all, lone surrogates included: what a JSON body's "\ud83d" decodes to.
@@ -49,20 +50,23 @@ async def journal_all(path: Path, events: list[Event]) -> list[Any]:
     writer = store.JournalWriter.open(str(path))
     intake, inbox = trio.open_memory_channel[Submission](len(events) + 1)
     answers: list[Any] = [None] * len(events)
+    deadlines = AckDeadlines(60)
+    journal = JournalClient(intake, deadlines)
 
     async def one(i: int, event: Event) -> None:
-        answers[i] = await journal(intake, event)
+        answers[i] = await journal.journal(event)
 
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadlines.run)
             await nursery.start(lambda task_status: run_journal(
-                inbox, writer=writer, metrics=Metrics(), deadlines=AckDeadlines(60),
-                task_status=task_status))
-            with intake:
+                inbox, writer=writer, metrics=Metrics(), task_status=task_status))
+            with journal:
                 async with trio.open_nursery() as producers:
                     for i, event in enumerate(events):
                         producers.start_soon(one, i, event)
-                answers.append(await journal(intake, good_event(len(events))))
+                answers.append(await journal.journal(good_event(len(events))))
+            nursery.cancel_scope.cancel()  # the journal has answered everyone
     finally:
         writer.close()
     return answers

@@ -62,8 +62,10 @@ from quart_trio import QuartTrio
 from twilio.request_validator import RequestValidator
 
 from msgledger import store
+from msgledger.deadlines import AckDeadlines
 from msgledger.http import api, openapi, webhooks
 from msgledger.http.state import ServerState
+from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 from msgledger.sender import Sender
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
@@ -148,11 +150,13 @@ def test_the_document_is_valid_openapi() -> None:
 
 
 def the_app(store_path: str) -> QuartTrio:
-    """The Quart app exactly as the daemon builds it (`main._front`); nothing is started."""
+    """The Quart app exactly as the daemon builds it (`main._router`); nothing is started."""
     intake, _ = trio.open_memory_channel[Any](0)
-    sender = Sender(intake, None, keep_body="full", ack_timeout=1.0, public_url=str)
-    return api.create_app(api.ApiDeps(store_path, API_TOKEN, ServerState(), Metrics(), sender,
-                                      intake, 1.0, 60.0, "full"))
+    journal = JournalClient(intake, AckDeadlines(1.0))
+    sender = Sender(journal, None, keep_body="full", public_url=str)
+    return api.create_app(api.ApiDeps(
+        store_path=store_path, api_token=API_TOKEN, state=ServerState(), metrics=Metrics(),
+        sender=sender, journal=journal, overdue_after=60.0, keep_body="full"))
 
 
 def served_routes(app: QuartTrio) -> set[tuple[str, str]]:

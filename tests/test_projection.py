@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from msgledger import store
 from msgledger.events import Event
 from msgledger.store import MessageState, apply
-from msgledger.store._messages import fold
-from msgledger.store._projection import status_key
+from msgledger.store._fold import status_key
+from msgledger.store._projector import fold
 
 SID = "SM" + "a" * 32
 TWILIO = ["accepted", "scheduled", "queued", "sending", "sent", "delivered", "undelivered",

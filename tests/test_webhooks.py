@@ -15,6 +15,7 @@ from msgledger.http.clients import ClientResolver
 from msgledger.http.signature import SignatureChecker
 from msgledger.http.state import ServerState
 from msgledger.http.webhooks import FORM_TYPE, WebhookReceiver
+from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 
 from .conftest import (
@@ -261,8 +262,9 @@ async def receive_one(host: bytes, signed_for: str, user_agent: bytes,
     URLs checked, the log lines and the events handed to the journal."""
     checker, metrics = CountingChecker(), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](1)
-    receiver = WebhookReceiver(intake, checker, state=ServerState(public_url="https://ledger.test"),
-                               max_body=65536, deadlines=AckDeadlines(5.0), metrics=metrics,
+    receiver = WebhookReceiver(JournalClient(intake, AckDeadlines(5.0)), checker,
+                               state=ServerState(public_url="https://ledger.test"),
+                               max_body=65536, metrics=metrics,
                                clients=ClientResolver(["10.0.0.0/8"]))
     params = callback_params(new_sid(), "sent")
     body = urlencode(params).encode()

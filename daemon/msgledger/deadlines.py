@@ -1,16 +1,13 @@
-"""One timer for every webhook waiting on the journal, instead of a cancel scope each.
+"""The deadline queue: one timer for every producer waiting on the journal, instead of a
+cancel scope each.
 
-STYLE.md has each producer await the journal inside `trio.move_on_after`. On the webhook
-route that scope (its cancel status, and a deadline pushed and popped on the run loop's
-heap) was most of what a handoff costs: 30 µs of event loop CPU with it, 13 with this
-queue (`bench/handoff.py`). Every webhook waits the same `http.ack_timeout`, so
-their deadlines come due in the order they were set: a queue in arrival order and one
-task that wakes a few times a second bound all of them. A reply still unanswered at its
-deadline is answered `JournalUnavailable` (a 503); the journal's later answer is kept
-by the store all the same, as with a cancel scope.
-
-Producers whose waits must survive shutdown (the sender's `shield=True`) keep
-`journal_within`: they are few, and a shared timer cannot shield one of them.
+On the webhook route a cancel scope per wait (its cancel status, and a deadline pushed and
+popped on the run loop's heap) was most of what a handoff cost (bench/README.md,
+"handoff"). Every wait is bounded by the same `http.ack_timeout`, so their deadlines come
+due in the order they were set: a queue in arrival order and one task that wakes a few
+times a second bound all of them. A reply still unanswered at its deadline is answered
+`JournalUnavailable` (a 503); the journal's later answer is kept by the store all the
+same, as with a cancel scope. `JournalClient` (`journal_client.py`) is its only user.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from collections import deque
 
 import trio
 
-from .events import Ack, Event, JournalIntake, JournalUnavailable, Reply, submit
+from .events import JournalUnavailable, Reply
 
 CHECK_EVERY = 0.1  # seconds: a 503 comes at most this late; answered entries go this often
 
@@ -27,7 +24,7 @@ CHECK_EVERY = 0.1  # seconds: a 503 comes at most this late; answered entries go
 class AckDeadlines:
     """Bounds producers' waits for the journal to `seconds` each.
 
-    `run` must be running while anyone waits: the journal actor runs it beside its loop.
+    `run` must be running while anyone waits: the process's wiring starts it.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -35,11 +32,10 @@ class AckDeadlines:
         self._tick = min(CHECK_EVERY, seconds / 4)  # a short timeout is checked more often
         self._waiting: deque[tuple[float, Reply]] = deque()
 
-    async def journal(self, intake: JournalIntake, event: Event) -> Ack:
-        """Hand `event` to the journal; its answer, or JournalUnavailable after `seconds`."""
-        reply, deadline = Reply(), trio.current_time() + self.seconds
+    def watch(self, deadline: float, reply: Reply) -> None:
+        """Answer `reply` JournalUnavailable if it is still unanswered at `deadline`, the
+        Trio time `seconds` from now (so the queue stays in deadline order)."""
         self._waiting.append((deadline, reply))
-        return await submit(intake, event, reply, handed_by=deadline)
 
     async def run(self) -> None:
         """Answer expired replies every tick (`CHECK_EVERY`, or a quarter of a shorter

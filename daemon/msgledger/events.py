@@ -1,7 +1,8 @@
 """The events that flow into the journal, and the channel types that carry them.
 
 Every producer (webhook receiver, sender, poller, reconciler) builds an `Event` and hands it
-to the journal actor as a `Submission` with a one-slot `Reply`. The journal answers it
+to the journal actor through its `JournalClient` (`journal_client.py`), as a `Submission`
+with a one-slot `Reply`. The journal answers it
 with the event's sequence number once it is committed, or with the error that
 stopped the commit. Events carry their own identifiers: context variables do not cross a
 channel, so each consumer binds its log context from the event itself.
@@ -10,7 +11,6 @@ channel, so each consumer binds its log context from the event itself.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -66,10 +66,10 @@ Ack: TypeAlias = int | JournalUnavailable
 class Reply:
     """The journal's one answer to one producer: a future for the event's sequence number.
 
-    STYLE.md's one-slot reply channel, made lean: a memory channel pair per event made a
-    handoff cost 71 µs of the event loop's CPU against 30 with this future, both inside a
-    cancel scope (`bench/handoff.py`). The journal answers from the Trio thread; a
-    producer that gave up waiting is simply not woken, and its event is kept all the same.
+    A one-slot reply channel, made lean: a memory channel pair per event cost the event
+    loop more than twice this future's CPU per handoff (bench/README.md, "handoff"). The
+    journal answers from the Trio thread; a producer that gave up waiting is simply not
+    woken, and its event is kept all the same.
     """
 
     __slots__ = ("_ack", "_task")
@@ -116,68 +116,6 @@ class Submission:
 
 JournalInbox: TypeAlias = trio.MemoryReceiveChannel[Submission]
 JournalIntake: TypeAlias = trio.MemorySendChannel[Submission]
-# Events waiting for the journal (or a front's forwarder). A full batch's worth can queue
-# while the previous one commits; beyond that producers wait, which is the backpressure
-# that keeps memory flat.
-INTAKE_BUFFER = 1024
-
-
-async def journal(intake: JournalIntake, event: Event) -> Ack:
-    """Hand `event` to the journal and wait for its answer.
-
-    The caller bounds the wait (`trio.move_on_after`); a closed journal answers
-    `JournalUnavailable` rather than raising, so every producer handles one outcome type.
-    """
-    return await submit(intake, event, Reply())
-
-
-async def submit(intake: JournalIntake, event: Event, reply: Reply,
-                 handed_by: float = math.inf) -> Ack:
-    """`journal` with the caller's own `reply` (see `deadlines.AckDeadlines`).
-
-    A full intake pushes back on the producer until the Trio time `handed_by`; a producer
-    that could not hand its event over by then, or found the journal closed, gets its
-    answer (JournalUnavailable) on the reply too, so nothing else waits for it.
-    """
-    await hand_over(intake, Submission(event, reply), handed_by)
-    return await reply.wait()
-
-
-async def hand_over(intake: JournalIntake, submission: Submission,
-                    handed_by: float = math.inf) -> None:
-    """Put `submission` in the intake without waiting for its answer. A full intake pushes
-    back until the Trio time `handed_by`; past it, or with the journal closed, the reply is
-    answered JournalUnavailable here. Checkpoints only when it has to wait for room."""
-    try:
-        intake.send_nowait(submission)  # the usual case
-    except trio.WouldBlock:
-        refused = await _send_by(intake, submission, handed_by)
-        if refused is not None:
-            submission.reply.answer(refused)
-    except (trio.ClosedResourceError, trio.BrokenResourceError):
-        submission.reply.answer(JournalUnavailable("journal is closed"))
-
-
-async def _send_by(intake: JournalIntake, submission: Submission,
-                   deadline: float) -> JournalUnavailable | None:
-    """Send, waiting for room until `deadline`; None once sent, else why not."""
-    with trio.move_on_at(deadline):
-        try:
-            await intake.send(submission)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return JournalUnavailable("journal is closed")
-        return None
-    return JournalUnavailable("journal not durable in time")
-
-
-async def journal_within(intake: JournalIntake, event: Event, seconds: float, *,
-                         shield: bool = False) -> Ack:
-    """`journal`, waiting at most `seconds`: running out is an answer (JournalUnavailable,
-    a 503 to the caller), not an exception, so every producer handles one outcome type.
-    `shield` keeps a shutdown from abandoning an event whose outcome must be recorded."""
-    with trio.move_on_after(seconds, shield=shield):
-        return await journal(intake, event)
-    return JournalUnavailable("journal not durable in time")
 
 
 def take_waiting(inbox: JournalInbox, first: Submission, most: int) -> list[Submission]:

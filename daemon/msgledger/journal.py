@@ -21,13 +21,16 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .deadlines import AckDeadlines
 from .events import Ack, JournalInbox, JournalUnavailable, Submission, take_waiting
 from .logs import get_logger
 from .metrics import Metrics
 from .store import JournalWriter, StoreLost
 
 MAX_BATCH = 1024  # events per transaction: bounds one commit's latency, far above the load
+# Events waiting for the journal (or a front's forwarder): a full batch's worth can queue
+# while the previous one commits; beyond that producers wait, the backpressure that keeps
+# memory flat.
+INTAKE_BUFFER = MAX_BATCH
 log = get_logger("msgledger.journal")
 Health = Callable[[str | None], None]  # why the store cannot commit now, or None if it can
 
@@ -41,22 +44,15 @@ def _nobody(_: str | None) -> None:
 
 
 async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Metrics,
-                      deadlines: AckDeadlines, health: Health = _nobody,
+                      health: Health = _nobody,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Commit everything the inbox delivers, in batches, until the inbox is closed.
-
-    Runs `deadlines` beside the loop, so a producer waiting through it hears within its
-    ack timeout even while a commit is stuck on the disk.
-    """
+    """Commit everything the inbox delivers, in batches, until the inbox is closed."""
     limiter = trio.CapacityLimiter(1)  # SQLite has one owner: one thread at a time
     with inbox:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(deadlines.run)
-            task_status.started()
-            async for first in inbox:
-                batch = take_waiting(inbox, first, MAX_BATCH)
-                await _commit(batch, writer, limiter, metrics, health)
-            nursery.cancel_scope.cancel()  # every submission is answered: nobody waits
+        task_status.started()
+        async for first in inbox:
+            batch = take_waiting(inbox, first, MAX_BATCH)
+            await _commit(batch, writer, limiter, metrics, health)
     log.info("journal_closed", last_seq=writer.last_seq,
              refused_batches=writer.refused_batches)
 

@@ -24,12 +24,13 @@ from . import systemd
 from .checkpoints import log_checkpoint, run_checkpoints
 from .deadlines import AckDeadlines
 from .drain import drain_when, watch_signals
-from .events import INTAKE_BUFFER, JournalIntake, Submission
+from .events import Submission
 from .http.api import ApiDeps, create_app
-from .http.server import Front, hypercorn_config, public_router, serve_admin, serve_http
+from .http.server import Router, hypercorn_config, public_router, serve_admin, serve_http
 from .http.state import ServerState
 from .http.webhooks import webhook_receiver
-from .journal import run_journal
+from .journal import INTAKE_BUFFER, run_journal
+from .journal_client import JournalClient
 from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
 from .logs import get_logger
 from .metrics import Metrics
@@ -81,37 +82,44 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
     state, metrics = ServerState(public_url=settings.http_public_url), Metrics()
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     deadlines = AckDeadlines(settings.http_ack_timeout)
-    async with trio.open_nursery() as services:
-        await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
-                                     deadlines=deadlines, health=state.report_store))
-        with intake:
-            front = _front(settings, state, metrics, deadlines, intake.clone())
-            serve = (_serve_front if settings.http_workers == 1
-                     else partial(serve_by_fronts, intake.clone()))
-        admin_url = url_of(listeners.admin) if listeners.admin else None
-        url = await services.start(serve, front, listeners, settings, state, metrics, stop)
-        state.public_url = state.public_url or url
-        # Everything built so far lives as long as the process: keep the cyclic GC's full
-        # collections from rescanning it, which would stall the loop for tens of ms.
-        gc.freeze()
-        state.ready = True
-        systemd.notify("READY=1")
-        log.info("daemon_ready", url=url, public_url=state.public_url, admin_url=admin_url,
-                 workers=settings.http_workers)
-        task_status.started(Running(url, state.public_url, admin_url))
+    async with trio.open_nursery() as timers:
+        timers.start_soon(deadlines.run)  # bounds every producer's wait for the journal
+        async with trio.open_nursery() as services:
+            await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
+                                         health=state.report_store))
+            with JournalClient(intake, deadlines) as journal:
+                router = _router(settings, state, metrics, journal.clone())
+                serve = (_serve_here if settings.http_workers == 1
+                         else partial(serve_by_fronts, journal.clone()))
+            admin_url = url_of(listeners.admin) if listeners.admin else None
+            url = await services.start(serve, router, listeners, settings, state, metrics, stop)
+            _ready(settings, state, url, admin_url)
+            task_status.started(Running(url, state.public_url or url, admin_url))
+        timers.cancel_scope.cancel()  # the journal has ended: every reply is answered
 
 
-def _front(settings: Settings, state: ServerState, metrics: Metrics, deadlines: AckDeadlines,
-           intake: JournalIntake) -> Front:
-    """The HTTP front and everything it feeds; all of it shares one intake clone."""
-    receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
-                                metrics=metrics)
-    sender = Sender(intake, _twilio_api(settings), keep_body=settings.store_keep_body,
-                    ack_timeout=settings.http_ack_timeout, public_url=lambda: str(state.public_url))
-    app = create_app(ApiDeps(settings.store_path, settings.api_token, state, metrics, sender,
-                             intake, settings.http_ack_timeout, settings.poller_overdue_after,
-                             settings.store_keep_body))
-    return Front(receiver, app, intake)
+def _ready(settings: Settings, state: ServerState, url: str, admin_url: str | None) -> None:
+    state.public_url = state.public_url or url
+    # Everything built so far lives as long as the process: keep the cyclic GC's full
+    # collections from rescanning it, which would stall the loop for tens of ms.
+    gc.freeze()
+    state.ready = True
+    systemd.notify("READY=1")
+    log.info("daemon_ready", url=url, public_url=state.public_url, admin_url=admin_url,
+             workers=settings.http_workers)
+
+
+def _router(settings: Settings, state: ServerState, metrics: Metrics,
+            journal: JournalClient) -> Router:
+    """The HTTP router and everything it feeds; all of it journals through `journal`."""
+    receiver = webhook_receiver(settings, journal, state=state, metrics=metrics)
+    sender = Sender(journal, _twilio_api(settings), keep_body=settings.store_keep_body,
+                    public_url=lambda: str(state.public_url))
+    app = create_app(ApiDeps(
+        store_path=settings.store_path, api_token=settings.api_token, state=state,
+        metrics=metrics, sender=sender, journal=journal,
+        overdue_after=settings.poller_overdue_after, keep_body=settings.store_keep_body))
+    return Router(receiver, app, journal)
 
 
 def _twilio_api(settings: Settings) -> TwilioApi | None:
@@ -123,18 +131,18 @@ def _twilio_api(settings: Settings) -> TwilioApi | None:
         backoff=settings.twilio_retry_backoff))
 
 
-async def _serve_front(front: Front, listeners: Listeners, settings: Settings,
-                       state: ServerState, metrics: Metrics, stop: trio.Event, *,
-                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_here(router: Router, listeners: Listeners, settings: Settings,
+                      state: ServerState, metrics: Metrics, stop: trio.Event, *,
+                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP from this process, on the admin listener too if there is one; once the
-    last request has finished, close the front's journal intake."""
+    last request has finished, close the router's journal client."""
     url = url_of(listeners.public)
     config = hypercorn_config(hand_over(listeners.public), settings, metrics)
-    with front.intake:
+    with router.journal:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_http, public_router(front, settings), config,
+            await nursery.start(serve_http, public_router(router, settings), config,
                                 partial(drain_when, stop, state))
             if listeners.admin is not None:
-                await nursery.start(serve_admin, front.app, listeners.admin, settings, metrics,
-                                    stop)
+                await nursery.start(serve_admin, router.app, listeners.admin, settings,
+                                    metrics, stop)
             task_status.started(url)

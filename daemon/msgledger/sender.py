@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import trio
 
-from .events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
+from .events import Event, JournalUnavailable, utc_now
+from .journal_client import JournalClient
 from .logs import get_logger
 from .twilio_api import Accepted, CreateOutcome, Rejected, TwilioApi, Unknown
 
@@ -44,12 +45,11 @@ SendResult = Literal["accepted", "rejected", "unknown", "not_journaled", "outcom
 class Sender:
     """Sends one message at a time per caller; the Twilio client bounds the concurrency."""
 
-    def __init__(self, intake: JournalIntake, api: TwilioApi | None, *, keep_body: str,
-                 ack_timeout: float, public_url: Callable[[], str]) -> None:
-        self._intake = intake
+    def __init__(self, journal: JournalClient, api: TwilioApi | None, *, keep_body: str,
+                 public_url: Callable[[], str]) -> None:
+        self._journal_client = journal
         self._api = api
         self._keep_body = keep_body
-        self._ack_timeout = ack_timeout
         self._public_url = public_url
         self._in_flight: set[str] = set()  # refs being sent right now
 
@@ -96,7 +96,7 @@ class Sender:
     async def _journal(self, event: Event) -> bool:
         """Journal `event`, waiting at most the ack timeout. Shielded: once Twilio may have
         acted, a shutdown must not keep its answer out of the record."""
-        ack = await journal_within(self._intake, event, self._ack_timeout, shield=True)
+        ack = await self._journal_client.journal_shielded(event)
         return not isinstance(ack, JournalUnavailable)
 
     def _requested_data(self, request: SendRequest) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .. import store
-from ..events import Event, JournalIntake, JournalUnavailable, journal_within, utc_now
+from ..events import Event, JournalUnavailable, utc_now
+from ..journal_client import JournalClient
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..sender import Sender, SendRequest, body_fields
@@ -23,7 +24,7 @@ from . import openapi, payloads
 from .state import ServerState
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-Reply = tuple[Response, int]
+ApiResponse = tuple[Response, int]  # what a route returns: the JSON body and its status
 
 # What each send outcome answers (issue: 201 accepted, 422 rejected, 202 unknown).
 SEND_STATUS = {"accepted": 201, "rejected": 422, "unknown": 202, "not_journaled": 503,
@@ -31,17 +32,16 @@ SEND_STATUS = {"accepted": 201, "rejected": 422, "unknown": 202, "not_journaled"
 log = get_logger("msgledger.api")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ApiDeps:
-    """What the routes use; the wiring builds it once."""
+    """What the routes use; the wiring builds it once, by keyword."""
 
     store_path: str
     api_token: str | None
     state: ServerState
     metrics: Metrics
     sender: Sender
-    intake: JournalIntake
-    ack_timeout: float
+    journal: JournalClient  # register's; the sender holds its own
     overdue_after: float  # seconds
     keep_body: str
 
@@ -84,7 +84,7 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     contract = openapi.document()  # read once: it ships with the code it describes
 
     @app.get("/healthz")
-    async def healthz() -> Reply:
+    async def healthz() -> ApiResponse:
         # worker 0 is the main process; fronts (http.workers > 1) answer for themselves
         status, body = deps.state.health()
         return jsonify({**body, "worker": 0}), status
@@ -98,11 +98,11 @@ def create_app(deps: ApiDeps) -> QuartTrio:
         return Response(contract, content_type="application/json")
 
     @app.errorhandler(payloads.Invalid)
-    async def invalid(error: payloads.Invalid) -> Reply:
+    async def invalid(error: payloads.Invalid) -> ApiResponse:
         return jsonify(error=str(error), field=error.field), 400
 
     @app.errorhandler(StoreUnreadable)
-    async def unreadable(error: StoreUnreadable) -> Reply:
+    async def unreadable(error: StoreUnreadable) -> ApiResponse:
         log.warning("store_read_failed", error=str(error))
         return jsonify(error=f"the store cannot be read: {error}"), 503
 
@@ -112,17 +112,17 @@ def create_app(deps: ApiDeps) -> QuartTrio:
 
     @app.post("/v1/messages")
     @guarded
-    async def send_message() -> Reply:
+    async def send_message() -> ApiResponse:
         return await _send(deps, reader, payloads.send_request(await _json()))
 
     @app.post("/v1/messages/register")
     @guarded
-    async def register_message() -> Reply:
+    async def register_message() -> ApiResponse:
         return await _register(deps, reader, payloads.registration(await _json()))
 
     @app.get("/v1/messages/<key>")
     @guarded
-    async def get_message(key: str) -> Reply:
+    async def get_message(key: str) -> ApiResponse:
         record = await reader.record(key)
         if record is None:
             return jsonify(error=f"no message with SID or ref {key!r}"), 404
@@ -130,7 +130,7 @@ def create_app(deps: ApiDeps) -> QuartTrio:
 
     @app.get("/v1/messages")
     @guarded
-    async def list_messages() -> Reply:
+    async def list_messages() -> ApiResponse:
         return await _list(deps, reader, payloads.list_query(request.args.items(multi=True)))
 
     return app
@@ -153,7 +153,7 @@ async def _json() -> object:
     return payloads.parse_json(raw)
 
 
-async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> Reply:
+async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> ApiResponse:
     if not deps.sender.configured:
         return jsonify(error="twilio.account_sid and twilio.auth_token are not configured"), 503
     if not deps.sender.claim(wanted.ref):
@@ -172,7 +172,7 @@ async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> Repl
     return jsonify(record), SEND_STATUS[result]
 
 
-async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration) -> Reply:
+async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration) -> ApiResponse:
     existing = await reader.record(r.sid)
     if existing is not None:
         field = _contradicted(existing, r)
@@ -186,7 +186,7 @@ async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration
         data.update(body_fields(r.body, deps.keep_body))
     event = Event("register", "register", utc_now(), sid=r.sid, ref=r.ref, status=r.status,
                   data=data)
-    ack = await journal_within(deps.intake, event, deps.ack_timeout)
+    ack = await deps.journal.journal(event)
     if isinstance(ack, JournalUnavailable):
         return jsonify(error=str(ack)), 503
     return jsonify(await reader.record(r.sid)), 201
@@ -220,7 +220,7 @@ def _contradicted(record: store.Record, r: payloads.Registration) -> str | None:
     return next((name for name, value in given.items() if value != held[name]), None)
 
 
-async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> Reply:
+async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> ApiResponse:
     sent_before = store.overdue_cutoff(deps.overdue_after) if q.overdue else None
     records, cursor = await reader.run(
         store.list_records, status=q.status, sent_before=sent_before, since=q.since,

@@ -15,7 +15,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from quart_trio import QuartTrio
 
-from ..events import JournalIntake
+from ..journal_client import JournalClient
 from ..listeners import LISTEN_BACKLOG, hand_over
 from ..metrics import Metrics
 from ..settings import Settings
@@ -39,18 +39,19 @@ def routes_of(app: QuartTrio) -> Routes:
     return [(rule.rule, sorted(rule.methods or ())) for rule in app.url_map.iter_rules()]
 
 
-class Front:
-    """Route `/twilio/*` to the webhook receiver and the rest to Quart.
+class Router:
+    """The main process's HTTP router: `/twilio/*` to the webhook receiver, the rest to
+    Quart. (A front process has its own, `workers/front.FrontRouter`.)
 
     Without a receiver (`http.webhooks = false`) the webhook paths fall through to Quart,
     which answers 404.
     """
 
     def __init__(self, webhooks: WebhookReceiver | None, app: QuartTrio,
-                 intake: JournalIntake) -> None:
+                 journal: JournalClient) -> None:
         self._webhooks = webhooks
         self._app = app
-        self.intake = intake  # the front's clone: closed once the server has stopped
+        self.journal = journal  # what it all journals through: closed once serving ends
         self.app = app  # the admin listener's router (http.admin_listen)
         self.routes = routes_of(app)
 

@@ -24,8 +24,8 @@ from hypercorn.typing import ASGIReceiveCallable as Receive
 from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import HTTPScope as Scope
 
-from ..deadlines import AckDeadlines
-from ..events import Event, JournalIntake, JournalUnavailable, utc_now
+from ..events import Event, JournalUnavailable, utc_now
+from ..journal_client import JournalClient
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..settings import Settings
@@ -79,14 +79,13 @@ class Refused(Exception):
 class WebhookReceiver:
     """ASGI app for the two webhook routes; everything it accepts is on disk."""
 
-    def __init__(self, intake: JournalIntake, checker: SignatureChecker, *, state: ServerState,
-                 max_body: int, deadlines: AckDeadlines, metrics: Metrics,
+    def __init__(self, journal: JournalClient, checker: SignatureChecker, *,
+                 state: ServerState, max_body: int, metrics: Metrics,
                  clients: ClientResolver | None = None) -> None:
-        self.intake = intake
+        self.journal = journal  # each wait for the journal is bounded by http.ack_timeout
         self.checker = checker
         self.state = state  # its public_url is known once the listener is bound
         self.max_body = max_body
-        self.deadlines = deadlines  # bounds each wait for the journal to http.ack_timeout
         self.metrics = metrics
         self.clients = clients or ClientResolver(())  # no proxies trusted: the peer
 
@@ -147,7 +146,7 @@ class WebhookReceiver:
             f"?{query.decode('latin-1')}" if query else "")
 
     async def _journal(self, event: Event) -> Outcome:
-        ack = await self.deadlines.journal(self.intake, event)
+        ack = await self.journal.journal(event)
         if isinstance(ack, JournalUnavailable):
             return Outcome(503, str(ack), event)
         return Outcome(200, "journaled", event, ack)
@@ -168,15 +167,15 @@ class WebhookReceiver:
             log.warning("callback_refused", reason=outcome.reason, **fields)
 
 
-def webhook_receiver(settings: Settings, intake: JournalIntake, *, state: ServerState,
-                     deadlines: AckDeadlines, metrics: Metrics) -> WebhookReceiver | None:
+def webhook_receiver(settings: Settings, journal: JournalClient, *, state: ServerState,
+                     metrics: Metrics) -> WebhookReceiver | None:
     """The receiver `settings` ask for, or None when webhooks are off."""
     if not settings.http_webhooks:
         return None
     assert settings.twilio_auth_token, "settings refuse webhooks without an auth token"
-    return WebhookReceiver(intake, SignatureChecker(settings.twilio_auth_token), state=state,
-                           max_body=settings.http_max_body_bytes, deadlines=deadlines,
-                           metrics=metrics, clients=ClientResolver(settings.http_trusted_proxies))
+    return WebhookReceiver(journal, SignatureChecker(settings.twilio_auth_token), state=state,
+                           max_body=settings.http_max_body_bytes, metrics=metrics,
+                           clients=ClientResolver(settings.http_trusted_proxies))
 
 
 def headers_of(scope: Scope) -> dict[bytes, bytes]:

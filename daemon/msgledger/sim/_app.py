@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from ._http import DropConnection, Reply, Request
+from ._http import DropConnection, Request, Response
 from ._knobs import SimKnobs
 from ._listing import page_json, parse_list_query, select_page
 from ._simulator import NewMessage, Simulator
@@ -30,7 +30,7 @@ _JSON = ("Content-Type", "application/json; charset=utf-8")
 _CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
 
 
-async def handle_api(sim: Simulator, request: Request) -> Reply:
+async def handle_api(sim: Simulator, request: Request) -> Response:
     """Answer one API request; raises DropConnection when the lost-create knob fires."""
     sim.stats.requests += 1
     knobs = sim.knobs
@@ -42,7 +42,7 @@ async def handle_api(sim: Simulator, request: Request) -> Reply:
         return _json_reply(error.status, error.payload(), challenge)
 
 
-def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Reply:
+def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     path, _, query = request.target.partition("?")
     _authenticate(knobs, request.headers.get("authorization", ""))
     match = _PATH.fullmatch(path)
@@ -74,7 +74,7 @@ def _authenticate(knobs: SimKnobs, header: str) -> None:
         raise ApiError(401, 20003, "Authenticate")
 
 
-def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Reply:
+def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Response:
     message = sim.create(parse_new_message(form))
     if sim.dice.chance(knobs.lose_create_response):
         sim.stats.create_responses_lost += 1
@@ -83,13 +83,13 @@ def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Reply:
     return _json_reply(201, message_json(message, redact_to=False))
 
 
-def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Reply:
+def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Response:
     query = parse_list_query(params)
     page = select_page(sim.messages.values(), query)
     return _json_reply(200, page_json(knobs.account_sid, query, page, redact_to=knobs.redact_to))
 
 
-def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Reply:
+def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Response:
     message = sim.messages.get(sid)
     if message is None:
         raise _not_found(path)
@@ -128,5 +128,5 @@ def _not_found(path: str) -> ApiError:
 
 def _json_reply(
     status: int, payload: Mapping[str, object], headers: tuple[tuple[str, str], ...] = ()
-) -> Reply:
-    return Reply(status, json.dumps(payload).encode(), (_JSON, *headers))
+) -> Response:
+    return Response(status, json.dumps(payload).encode(), (_JSON, *headers))

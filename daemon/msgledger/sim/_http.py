@@ -29,7 +29,7 @@ class Request:
 
 
 @dataclass(frozen=True)
-class Reply:
+class Response:
     """One HTTP response; Content-Length is added on sending."""
 
     status: int
@@ -41,7 +41,7 @@ class DropConnection(Exception):
     """Raised by a handler to close the connection without answering."""
 
 
-Handler = Callable[[Request], Awaitable[Reply]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _Closed(Exception):
@@ -94,7 +94,8 @@ async def _next_event(connection: h11.Connection, stream: trio.SocketStream) -> 
     return event
 
 
-async def _send_reply(connection: h11.Connection, stream: trio.SocketStream, reply: Reply) -> None:
+async def _send_reply(connection: h11.Connection, stream: trio.SocketStream,
+                      reply: Response) -> None:
     headers = [*reply.headers, ("Content-Length", str(len(reply.body)))]
     events: tuple[h11.Response | h11.Data | h11.EndOfMessage, ...] = (
         h11.Response(status_code=reply.status, headers=headers),

@@ -8,7 +8,7 @@ from ._checkpoints import (
     read_checkpoints,
 )
 from ._file import StoreError, StoreLost
-from ._projection import FINAL, RANK, MessageState, apply, rank
+from ._fold import FINAL, RANK, MessageState, apply, rank
 from ._reader import (
     Record,
     find_record,

@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
-from ._projection import FINAL, SETTLED
+from ._fold import FINAL, SETTLED
 
 Record = dict[str, Any]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._file import StoreError
-from ._messages import Projector, event_from_row
+from ._projector import Projector, event_from_row
 from ._schema import DDL, GENESIS_HASH, check_store, connect
 from ._writer import INSERT_JOURNAL, ChainBroken, check_row
 

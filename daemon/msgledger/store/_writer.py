@@ -22,7 +22,7 @@ from ..events import Event
 from ._bulk import insert_rows
 from ._chain import canonical_json, row_hash
 from ._file import HeldFiles, StoreError, StoreLost
-from ._messages import Projector
+from ._projector import Projector
 from ._schema import GENESIS_HASH, connect, prepare, wal_path
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply

@@ -45,9 +45,7 @@ from .. import logs
 from ..deadlines import AckDeadlines
 from ..drain import drain_when, watch_signals
 from ..events import (
-    INTAKE_BUFFER,
     JournalInbox,
-    JournalIntake,
     JournalUnavailable,
     Reply,
     Submission,
@@ -66,7 +64,8 @@ from ..http.webhooks import (
     respond,
     webhook_receiver,
 )
-from ..journal import MAX_BATCH  # a frame holds what one commit may
+from ..journal import INTAKE_BUFFER, MAX_BATCH  # a frame holds what one commit may
+from ..journal_client import JournalClient
 from ..metrics import Metrics
 from ..settings import Settings
 from .link import (
@@ -254,7 +253,7 @@ async def _send_json(send: ASGISendCallable, status: int, body: bytes) -> None:
     await send(cast(Any, {"type": "http.response.body", "body": body}))
 
 
-class FrontApp:
+class FrontRouter:
     """Routes a front's requests: webhooks here, /healthz here, the rest to the main process."""
 
     def __init__(self, webhooks: WebhookReceiver | None, relay: Relay, state: ServerState,
@@ -313,9 +312,9 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token, routes), Metrics()
     deadlines = AckDeadlines(settings.http_ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
-    receiver = webhook_receiver(settings, intake, state=state, deadlines=deadlines,
-                                metrics=metrics)
-    app = FrontApp(receiver, relay, state, worker)
+    journal = JournalClient(intake, deadlines)  # its consumer is the forwarder, not a journal
+    receiver = webhook_receiver(settings, journal, state=state, metrics=metrics)
+    router = FrontRouter(receiver, relay, state, worker)
     config = hypercorn_config(fd_bind(listen_fd), settings, metrics)
     stop, lost = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
@@ -326,7 +325,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
         nursery.start_soon(_report_tallies, link, metrics)
         async with trio.open_nursery() as serving:
             serving.start_soon(forwarder.run, inbox)
-            await serving.start(_serve, public_router(app, settings), config, intake,
+            await serving.start(_serve, public_router(router, settings), config, journal,
                                 partial(drain_when, stop, state))
             gc.freeze()  # as the main process: what lives for good is not rescanned
             state.ready = True
@@ -339,12 +338,12 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     return 1 if lost.is_set() else 0
 
 
-async def _serve(app: ASGIFramework, config: ConnectionConfig, intake: JournalIntake,
+async def _serve(app: ASGIFramework, config: ConnectionConfig, journal: JournalClient,
                  shutdown: Callable[[], Awaitable[None]], *,
                  task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve HTTP; once the last request has finished, close the intake (ends the
+    """Serve HTTP; once the last request has finished, close the journal client (ends the
     forwarder once it has sent what it holds)."""
-    with intake:
+    with journal:
         await serve_http(app, config, shutdown, task_status=task_status)
 
 

@@ -5,7 +5,7 @@ Each link is served by one reader (events to the journal, relayed requests to th
 app, counters to /metrics), one acker (the journal's answers back, in order) and one health
 reporter (whether the store commits, for the front's /healthz). Events
 from a front go through the same intake as the main process's own, so the journal batches
-them all together. A link holds its own intake clone until the front has gone, so the
+them all together. A link holds its own journal client until the front has gone, so the
 journal closes only after the last front's last event.
 """
 
@@ -24,9 +24,10 @@ import trio
 from hypercorn.typing import ASGIFramework, HTTPScope
 
 from ..drain import drain_when
-from ..events import JournalIntake, Reply, Submission, hand_over
-from ..http.server import Front, serve_admin
+from ..events import Reply
+from ..http.server import Router, serve_admin
 from ..http.state import ServerState
+from ..journal_client import JournalClient
 from ..listeners import Listeners, url_of
 from ..logs import get_logger
 from ..metrics import Metrics, TallyKey
@@ -61,45 +62,45 @@ class FrontDeps:
     settings: Settings
     public_url: str
     listener: socket.socket  # the public one; each front is given it
-    app: Front  # answers relayed requests: the main process's router and Quart app
+    router: Router  # answers relayed requests: the main process's router and Quart app
     metrics: Metrics
     state: ServerState  # its store health is told to every front
 
 
-async def serve_by_fronts(intake: JournalIntake, front: Front, listeners: Listeners,
+async def serve_by_fronts(journal: JournalClient, router: Router, listeners: Listeners,
                           settings: Settings, state: ServerState, metrics: Metrics,
                           stop: trio.Event, *,
                           task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Have `http.workers` fronts serve HTTP on the public listener while this process
-    answers what they relay with `front`'s app, and serves the admin listener itself if
+    answers what they relay with `router`, and serves the admin listener itself if
     there is one; started with the public URL, once all listen.
 
-    Closes `intake` and `front.intake` once the last front has gone."""
+    Closes `journal` and `router.journal` once the last front has gone."""
     url = url_of(listeners.public)
     state.public_url = state.public_url or url
-    deps = FrontDeps(settings, state.public_url, listeners.public, front, metrics, state)
-    with front.intake:
-        async with open_app(front), trio.open_nursery() as nursery:
+    deps = FrontDeps(settings, state.public_url, listeners.public, router, metrics, state)
+    with router.journal:
+        async with open_app(router), trio.open_nursery() as nursery:
             nursery.start_soon(drain_when, stop, state)
-            await nursery.start(run_fronts, intake, deps, settings.http_workers, stop)
+            await nursery.start(run_fronts, journal, deps, settings.http_workers, stop)
             if listeners.admin is not None:
-                await nursery.start(serve_admin, front.app, listeners.admin, settings, metrics,
-                                    stop)
+                await nursery.start(serve_admin, router.app, listeners.admin, settings,
+                                    metrics, stop)
             task_status.started(url)
 
 
-async def run_fronts(intake: JournalIntake, deps: FrontDeps, count: int, stop: trio.Event, *,
+async def run_fronts(journal: JournalClient, deps: FrontDeps, count: int, stop: trio.Event, *,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Keep `count` fronts running until `stop`; started once every one of them listens.
 
-    Closes `intake` once the last front has gone and its events are acked.
+    Closes `journal` once the last front has gone and its events are acked.
     """
-    with intake, deps.listener:
+    with journal, deps.listener:
         async with trio.open_nursery() as fronts:
             fronts.start_soon(_close_on, stop, deps.listener)
             ready = [trio.Event() for _ in range(count)]
             for worker, event in enumerate(ready, start=1):
-                fronts.start_soon(_keep_front, intake.clone(), deps, worker, stop, event)
+                fronts.start_soon(_keep_front, journal.clone(), deps, worker, stop, event)
             with trio.fail_after(START_TIMEOUT):
                 for event in ready:
                     await _either(event, stop)  # a stop while starting ends the wait
@@ -123,15 +124,15 @@ async def _close_on(stop: trio.Event, listener: socket.socket) -> None:
     listener.close()
 
 
-async def _keep_front(intake: JournalIntake, deps: FrontDeps, worker: int, stop: trio.Event,
+async def _keep_front(journal: JournalClient, deps: FrontDeps, worker: int, stop: trio.Event,
                       ready: trio.Event) -> None:
     """Run front `worker`; restart it with a growing backoff if it dies before `stop`."""
     backoff = RESTART_BACKOFF[0]
-    with intake:
+    with journal:
         while True:
             started = trio.current_time()
             try:
-                code = await _run_front_once(intake, deps, worker, stop, ready)
+                code = await _run_front_once(journal, deps, worker, stop, ready)
             except OSError as error:  # no process (EAGAIN, ENOMEM...): try again later
                 log.error("front_spawn_failed", worker=worker, error=str(error))
                 code = -1
@@ -148,7 +149,7 @@ async def _keep_front(intake: JournalIntake, deps: FrontDeps, worker: int, stop:
             backoff = min(backoff * 2, RESTART_BACKOFF[1])
 
 
-async def _run_front_once(intake: JournalIntake, deps: FrontDeps, worker: int,
+async def _run_front_once(journal: JournalClient, deps: FrontDeps, worker: int,
                           stop: trio.Event, ready: trio.Event) -> int:
     """One front's life: spawn it, serve its link, drain it on `stop`; its exit code."""
     ours, theirs = socket.socketpair()
@@ -160,7 +161,7 @@ async def _run_front_once(intake: JournalIntake, deps: FrontDeps, worker: int,
         link, link_ended = Link(ours), trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_serve_link, link, intake.clone(), deps, worker, ready,
+                nursery.start_soon(_serve_link, link, journal.clone(), deps, worker, ready,
                                    link_ended)
                 async with trio.open_nursery() as watching:
                     watching.start_soon(_drain_on, stop, link, process, deps.settings)
@@ -223,18 +224,18 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
 # -------------------------------------------------------------------------- the link
 
 
-async def _serve_link(link: Link, intake: JournalIntake, deps: FrontDeps, worker: int,
+async def _serve_link(link: Link, journal: JournalClient, deps: FrontDeps, worker: int,
                       ready: trio.Event, ended: trio.Event) -> None:
     """Serve one front's link until the front closes it or breaks it; then set `ended`."""
     acks, waiting = trio.open_memory_channel[Waiting](ACK_BACKLOG)
-    with intake:
+    with journal:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_acks, link, waiting)
             with acks:
-                served = _LinkServer(link, intake, acks, deps, nursery, ready)
+                served = _LinkServer(link, journal, acks, deps, nursery, ready)
                 try:
                     await link.send(["settings", dataclasses.asdict(deps.settings),
-                                     deps.public_url, deps.app.routes])
+                                     deps.public_url, deps.router.routes])
                     nursery.start_soon(_send_health, link, deps.state, ended)
                     async for frame in link.frames():
                         await served.dispatch(frame)
@@ -248,7 +249,7 @@ class _LinkServer:
     """What one link's frames act on."""
 
     link: Link
-    intake: JournalIntake
+    journal: JournalClient
     acks: trio.MemorySendChannel[Waiting]
     deps: FrontDeps
     relays: trio.Nursery
@@ -266,11 +267,11 @@ class _LinkServer:
 
     async def _dispatch(self, frame: Frame) -> None:
         if frame[0] == "events":
-            await self.acks.send(await _hand_over(self.intake, frame[1]))
+            await self.acks.send(await _hand_over(self.journal, frame[1]))
         elif frame[0] == "request":
             ident, scope, body = frame[1], scope_from_wire(frame[2]), to_bytes(frame[3])
             await self.relaying.acquire()  # a front asking too much waits here, not in memory
-            self.relays.start_soon(_relay, self.link, self.deps.app, ident, scope, body,
+            self.relays.start_soon(_relay, self.link, self.deps.router, ident, scope, body,
                                    self.relaying)
         elif frame[0] == "tally":
             self.deps.metrics.add_tally(frame[1], self.reported)
@@ -278,15 +279,11 @@ class _LinkServer:
             self.ready.set()
 
 
-async def _hand_over(intake: JournalIntake, items: Sequence[list[Any]]) -> Waiting:
-    """Give each event to the journal; the replies to wait on, by the front's ids."""
-    waiting: Waiting = []
-    for item in items:
-        ident, event = event_from_wire(item)
-        reply = Reply()
-        await hand_over(intake, Submission(event, reply))  # a full intake holds the front back
-        waiting.append((ident, reply))
-    return waiting
+async def _hand_over(journal: JournalClient, items: Sequence[list[Any]]) -> Waiting:
+    """Give each event to the journal; the replies to wait on, by the front's ids. A full
+    intake holds the front back here."""
+    return [(ident, await journal.enqueue(event))
+            for ident, event in map(event_from_wire, items)]
 
 
 async def _send_health(link: Link, state: ServerState, ended: trio.Event) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from ..events import Event
 from ._bulk import insert_rows
-from ._projection import MessageState, apply
+from ._fold import MessageState, apply
 
 _COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
             "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
