@@ -23,23 +23,20 @@ from dataclasses import dataclass, replace
 from ..events import Event
 from ._bulk import insert_rows
 from ._fold import MessageState, apply
+from ._schema import MESSAGE_COLUMNS, JournalRow, journal_columns
 
-_COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
-            "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
-            "updated_at", "sent_at", "last_seq")
-_SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM messages"
-_INSERT_INTO = f"INSERT INTO messages (id, {', '.join(_COLUMNS)})"
+_SELECT = f"SELECT id, {', '.join(MESSAGE_COLUMNS)} FROM messages"
+_INSERT_INTO = f"INSERT INTO messages (id, {', '.join(MESSAGE_COLUMNS)})"
 # Existing rows are rewritten as an upsert: many rows in one statement, unlike UPDATE.
 _UPDATE_EXISTING = (" ON CONFLICT (id) DO UPDATE SET "
-                    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS))
+                    + ", ".join(f"{c} = excluded.{c}" for c in MESSAGE_COLUMNS))
 _LOOKUP_CHUNK = 256  # identifiers per IN (...): a power of two under SQLite's oldest limit (999)
 
 
-def event_from_row(row: sqlite3.Row | tuple[object, ...]) -> Event:
-    """A journal row (at, kind, source, sid, ref, status, data) back into its Event."""
-    at, kind, source, sid, ref, status, data = row
-    return Event(kind=kind, source=source, at=at, sid=sid, ref=ref,  # type: ignore[arg-type]
-                 status=status, data=json.loads(str(data)))  # type: ignore[arg-type]
+def event_from_row(row: JournalRow) -> Event:
+    """A journal row back into its Event."""
+    return Event(kind=row.kind, source=row.source, at=row.at,  # type: ignore[arg-type]
+                 sid=row.sid, ref=row.ref, status=row.status, data=json.loads(str(row.data)))
 
 
 def fold(events: Iterable[Event]) -> MessageState | None:
@@ -173,10 +170,9 @@ class Projector:
         self._conn.execute("DELETE FROM messages WHERE id = ?", (gone,))
         self._forget(gone)
         rows = self._conn.execute(
-            "SELECT j.seq, j.at, j.kind, j.source, j.sid, j.ref, j.status, j.data"
-            " FROM message_events e JOIN journal j ON j.seq = e.seq"
-            " WHERE e.message_id = ? ORDER BY j.seq", (keep,)).fetchall()
-        events = [event_from_row(r[1:]) for r in rows]
+            f"SELECT {journal_columns('j')} FROM message_events e JOIN journal j"
+            " ON j.seq = e.seq WHERE e.message_id = ? ORDER BY j.seq", (keep,)).fetchall()
+        events = [event_from_row(JournalRow._make(r)) for r in rows]
         state = fold(e if e.ref in (None, ref) else replace(e, ref=None) for e in events)
         assert state is not None, "the kept message has at least the event that created it"
         if any(e.ref not in (None, ref) for e in events):

@@ -1,4 +1,5 @@
-"""Read-only queries: the record of a message, history included, as DESIGN.md defines it.
+"""Read-only queries: the record of a message, history included (docs/design.md, "The
+exported record").
 
 Readers open their own connections; in WAL mode they never block the journal writer, and
 everything read inside one transaction comes from one consistent snapshot.
@@ -10,36 +11,65 @@ import datetime as dt
 import json
 import sqlite3
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._fold import FINAL, SETTLED
 
 Record = dict[str, Any]
 
-_MESSAGE_COLUMNS = ("m.id, m.sid, m.ref, m.to_number, m.from_number, m.messaging_service_sid,"
-                    " m.body, m.body_sha256, m.status, m.error_code, m.flags, m.created_at,"
-                    " m.updated_at, m.sent_at")
-_HISTORY_COLUMNS = "j.seq, j.at, j.kind, j.source, j.status, j.data"
+
+class _MessageRow(NamedTuple):
+    """What a record reads of `messages`, by name (the columns are `_schema`'s)."""
+
+    id: int
+    sid: str | None
+    ref: str | None
+    to_number: str | None
+    from_number: str | None
+    messaging_service_sid: str | None
+    body: str | None
+    body_sha256: str | None
+    status: str | None
+    error_code: str | None
+    flags: str
+    created_at: str
+    updated_at: str
+    sent_at: str | None
 
 
-def _record(row: tuple[Any, ...]) -> Record:
-    (_, sid, ref, to, from_, mss, body, body_sha256, status, error_code, flags, created_at,
-     updated_at, sent_at) = row
+class _HistoryRow(NamedTuple):
+    """What a history entry reads of `journal`."""
+
+    seq: int
+    at: str
+    kind: str
+    source: str
+    status: str | None
+    data: str
+
+
+_MESSAGE_COLUMNS = ", ".join(f"m.{column}" for column in _MessageRow._fields)
+_HISTORY_COLUMNS = ", ".join(f"j.{column}" for column in _HistoryRow._fields)
+_MESSAGE_WIDTH = len(_MessageRow._fields)  # a joined row: the message, then its event
+
+
+def _record(row: _MessageRow) -> Record:
     return {
-        "sid": sid, "ref": ref, "to": to, "from": from_, "messaging_service_sid": mss,
-        "status": status, "error_code": error_code, "final": status in SETTLED,
-        "body": body, "body_sha256": body_sha256, "flags": json.loads(flags),
-        "created_at": created_at, "updated_at": updated_at, "sent_at": sent_at,
+        "sid": row.sid, "ref": row.ref, "to": row.to_number, "from": row.from_number,
+        "messaging_service_sid": row.messaging_service_sid, "status": row.status,
+        "error_code": row.error_code, "final": row.status in SETTLED, "body": row.body,
+        "body_sha256": row.body_sha256, "flags": json.loads(row.flags),
+        "created_at": row.created_at, "updated_at": row.updated_at, "sent_at": row.sent_at,
         "history": [],
     }
 
 
-def _history_entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    seq, at, kind, source, status, data = row
-    entry: dict[str, Any] = {"seq": seq, "at": at, "source": source, "kind": kind}
-    if status is not None:
-        entry["status"] = status
-    entry["data"] = json.loads(data)
+def _history_entry(row: _HistoryRow) -> dict[str, Any]:
+    entry: dict[str, Any] = {"seq": row.seq, "at": row.at, "source": row.source,
+                             "kind": row.kind}
+    if row.status is not None:
+        entry["status"] = row.status
+    entry["data"] = json.loads(row.data)
     return entry
 
 
@@ -51,7 +81,7 @@ def find_record(conn: sqlite3.Connection, key: str) -> Record | None:
                            " UNION ALL "
                            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.ref = ?"
                            " LIMIT 1", (key, key)).fetchone()
-        return None if row is None else _with_history(conn, row)
+        return None if row is None else _with_history(conn, _MessageRow._make(row))
     finally:
         conn.execute("COMMIT")
 
@@ -70,12 +100,13 @@ def iter_records(conn: sqlite3.Connection, since: str | None = None,
     current: Record | None = None
     current_id: int | None = None
     for row in rows:
-        if row[0] != current_id:
+        message = _MessageRow._make(row[:_MESSAGE_WIDTH])
+        if message.id != current_id:
             if current is not None:
                 yield current
-            current, current_id = _record(row[:14]), row[0]
+            current, current_id = _record(message), message.id
         assert current is not None
-        current["history"].append(_history_entry(row[14:]))
+        current["history"].append(_history_entry(_HistoryRow._make(row[_MESSAGE_WIDTH:])))
     if current is not None:
         yield current
 
@@ -103,20 +134,20 @@ def list_records(conn: sqlite3.Connection, *, status: str | None = None,
             params.append(value)
     conn.execute("BEGIN")
     try:
-        rows = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages m"
-                            f" WHERE {' AND '.join(where)} ORDER BY m.id LIMIT ?",
-                            (*params, limit + 1)).fetchall()
+        rows = [_MessageRow._make(row) for row in conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE {' AND '.join(where)}"
+            " ORDER BY m.id LIMIT ?", (*params, limit + 1))]
         records = [_with_history(conn, row) for row in rows[:limit]]
     finally:
         conn.execute("COMMIT")
-    return records, (int(rows[limit - 1][0]) if len(rows) > limit else None)
+    return records, (rows[limit - 1].id if len(rows) > limit else None)
 
 
-def _with_history(conn: sqlite3.Connection, row: tuple[Any, ...]) -> Record:
+def _with_history(conn: sqlite3.Connection, row: _MessageRow) -> Record:
     record = _record(row)
-    record["history"] = [_history_entry(h) for h in conn.execute(
+    record["history"] = [_history_entry(_HistoryRow._make(h)) for h in conn.execute(
         f"SELECT {_HISTORY_COLUMNS} FROM message_events e JOIN journal j ON j.seq = e.seq"
-        " WHERE e.message_id = ? ORDER BY e.seq", (row[0],))]
+        " WHERE e.message_id = ? ORDER BY e.seq", (row.id,))]
     return record
 
 

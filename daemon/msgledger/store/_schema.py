@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 from ._file import StoreError
 
@@ -18,20 +19,50 @@ GENESIS_HASH = "0" * 64  # the `prev_hash` of sequence number 1
 BUSY_TIMEOUT_MS = 5000  # a checkpoint or an exporter may hold a lock briefly
 STORE_TABLES = frozenset({"meta", "journal", "messages", "message_events"})
 
-DDL = """
+
+
+class JournalRow(NamedTuple):
+    """One journal row, by name. Its fields are the table's columns in order: the one
+    definition the DDL, the writer's INSERT and every reader's SELECT are built from."""
+
+    seq: int
+    at: str
+    kind: str
+    source: str
+    sid: str | None
+    ref: str | None
+    status: str | None
+    data: str  # the event's data as canonical JSON
+    prev_hash: str
+    hash: str  # SHA-256 over prev_hash and the row (`_chain.row_hash`)
+
+
+_JOURNAL_TYPES = {"seq": "INTEGER PRIMARY KEY", "at": "TEXT NOT NULL", "kind": "TEXT NOT NULL",
+                  "source": "TEXT NOT NULL", "sid": "TEXT", "ref": "TEXT", "status": "TEXT",
+                  "data": "TEXT NOT NULL", "prev_hash": "TEXT NOT NULL",
+                  "hash": "TEXT NOT NULL"}
+assert tuple(_JOURNAL_TYPES) == JournalRow._fields, "one column list, in one order"
+JOURNAL_COLUMNS = ", ".join(JournalRow._fields)
+
+
+# The columns of `messages` after `id`, in the order the projector writes them.
+MESSAGE_COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
+                   "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
+                   "updated_at", "sent_at", "last_seq")
+
+
+def journal_columns(alias: str) -> str:
+    """The journal's columns for a SELECT that names the table `alias`."""
+    return ", ".join(f"{alias}.{column}" for column in JournalRow._fields)
+
+
+_JOURNAL_TABLE = ",\n".join(f"    {name:<9} {kind}" for name, kind in _JOURNAL_TYPES.items())
+
+DDL = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 CREATE TABLE IF NOT EXISTS journal (
-    seq       INTEGER PRIMARY KEY,
-    at        TEXT NOT NULL,
-    kind      TEXT NOT NULL,
-    source    TEXT NOT NULL,
-    sid       TEXT,
-    ref       TEXT,
-    status    TEXT,
-    data      TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash      TEXT NOT NULL
+{_JOURNAL_TABLE}
 );
 CREATE TRIGGER IF NOT EXISTS journal_refuses_update BEFORE UPDATE ON journal
 BEGIN SELECT RAISE(ABORT, 'journal is append-only: UPDATE refused'); END;

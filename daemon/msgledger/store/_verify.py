@@ -23,13 +23,20 @@ from pathlib import Path
 
 from ._file import StoreError
 from ._projector import Projector, event_from_row
-from ._schema import DDL, GENESIS_HASH, check_store, connect
+from ._schema import (
+    DDL,
+    GENESIS_HASH,
+    JOURNAL_COLUMNS,
+    MESSAGE_COLUMNS,
+    JournalRow,
+    check_store,
+    connect,
+)
 from ._writer import INSERT_JOURNAL, ChainBroken, check_row
 
-_JOURNAL = "SELECT seq, at, kind, source, sid, ref, status, data, prev_hash, hash FROM journal"
-_PROJECTION = ("SELECT id, sid, ref, to_number, from_number, messaging_service_sid, body,"
-               " body_sha256, status, error_code, terminals, flags, created_at, updated_at,"
-               " sent_at, last_seq FROM messages ORDER BY id")
+_JOURNAL = f"SELECT {JOURNAL_COLUMNS} FROM journal"
+_PROJECTION_FIELDS = ("id", *MESSAGE_COLUMNS)
+_PROJECTION = f"SELECT {', '.join(_PROJECTION_FIELDS)} FROM messages ORDER BY id"
 _LINKS = "SELECT seq, message_id FROM message_events ORDER BY seq"
 REPLAY_FLUSH_EVERY = 1000  # events replayed between writes; any value gives the same result
 INTEGRITY_MESSAGES = 3  # problems integrity_check reports at most: the first says enough
@@ -100,17 +107,18 @@ def _verify(stored: sqlite3.Connection, replay: sqlite3.Connection) -> VerifyRes
     expected_prev = GENESIS_HASH
     replay.execute("BEGIN")
     projector = Projector(replay)
-    for row in stored.execute(_JOURNAL + " ORDER BY seq"):
+    for raw in stored.execute(_JOURNAL + " ORDER BY seq"):
+        row = JournalRow._make(raw)
         events += 1
-        if row[0] != events:
+        if row.seq != events:
             return VerifyResult(False, events, 0, events, f"sequence number {events} is missing")
         try:
             check_row(row, expected_prev)
         except ChainBroken as broken:
             return VerifyResult(False, events, 0, broken.seq, broken.why)
-        expected_prev = row[9]
+        expected_prev = row.hash
         replay.execute(INSERT_JOURNAL, row)
-        projector.apply(event_from_row(row[1:8]), row[0])
+        projector.apply(event_from_row(row), row.seq)
         if events % REPLAY_FLUSH_EVERY == 0:
             projector.flush()
     projector.flush()
@@ -123,13 +131,13 @@ def _compare(stored: sqlite3.Connection, replay: sqlite3.Connection, events: int
     for mine, theirs in _pairs(stored.execute(_PROJECTION), replay.execute(_PROJECTION)):
         messages += 1
         if mine != theirs:
-            seq = (mine or theirs or (0,) * 16)[15]
-            key = (mine or theirs or (None,) * 3)[1:3]
-            return VerifyResult(False, events, messages, int(str(seq)),
-                                f"projection differs from the replay for message {key}")
+            row = dict(zip(_PROJECTION_FIELDS, mine or theirs or (), strict=True))
+            return VerifyResult(False, events, messages, int(str(row["last_seq"])),
+                                "projection differs from the replay for message"
+                                f" {(row['sid'], row['ref'])}")
     for mine, theirs in _pairs(stored.execute(_LINKS), replay.execute(_LINKS)):
         if mine != theirs:
-            seq = (mine or theirs or (0,))[0]
+            seq, _message_id = mine or theirs or (0, 0)
             return VerifyResult(False, events, messages, int(str(seq)),
                                 "event-to-message links differ from the replay")
     return VerifyResult(True, events, messages)

@@ -23,14 +23,11 @@ from ._bulk import insert_rows
 from ._chain import canonical_json, row_hash
 from ._file import HeldFiles, StoreError, StoreLost
 from ._projector import Projector
-from ._schema import GENESIS_HASH, connect, prepare, wal_path
+from ._schema import GENESIS_HASH, JOURNAL_COLUMNS, JournalRow, connect, prepare, wal_path
 
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
-JOURNAL_INTO = ("INSERT INTO journal"
-                " (seq, at, kind, source, sid, ref, status, data, prev_hash, hash)")
-INSERT_JOURNAL = f"{JOURNAL_INTO} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# seq, at, kind, source, sid, ref, status, data, prev_hash, hash
-JournalRow = tuple[int, str, str, str, str | None, str | None, str | None, str, str, str]
+JOURNAL_INTO = f"INSERT INTO journal ({JOURNAL_COLUMNS})"
+INSERT_JOURNAL = f"{JOURNAL_INTO} VALUES ({', '.join('?' * len(JournalRow._fields))})"
 
 
 class ChainBroken(Exception):
@@ -109,16 +106,16 @@ class JournalWriter:
             insert_rows(self._conn, JOURNAL_INTO, rows)
             self._projector.prefetch(events)
             for event, row in zip(events, rows, strict=True):
-                self._projector.apply(event, row[0])
+                self._projector.apply(event, row.seq)
             self._projector.flush()
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             self._projector.reset()  # its batch's states were never committed
             raise
-        self._tail = Tail(rows[-1][0], rows[-1][-1]) if rows else self._tail
+        self._tail = Tail(rows[-1].seq, rows[-1].hash) if rows else self._tail
         self._check_names()
-        return [row[0] for row in rows]
+        return [row.seq for row in rows]
 
     def _check_names(self) -> None:
         """StoreLost unless the store's names still lead to the files this writer holds."""
@@ -143,8 +140,8 @@ class JournalWriter:
             data = canonical_json(event.data)
             digest = row_hash(prev, seq, event.at, event.kind, event.source, event.sid,
                               event.ref, event.status, data)
-            rows.append((seq, event.at, event.kind, event.source, event.sid, event.ref,
-                         event.status, data, prev, digest))
+            rows.append(JournalRow(seq, event.at, event.kind, event.source, event.sid,
+                                   event.ref, event.status, data, prev, digest))
             prev = digest
         return rows
 
@@ -160,25 +157,26 @@ class JournalWriter:
 
 def check_tail(conn: sqlite3.Connection, rows: int) -> Tail:
     """Re-hash the last `rows` journal rows; the tail to append after, or ChainBroken."""
-    found = conn.execute(
-        "SELECT seq, at, kind, source, sid, ref, status, data, prev_hash, hash FROM journal"
+    found = [JournalRow._make(row) for row in conn.execute(
+        f"SELECT {JOURNAL_COLUMNS} FROM journal"
         " WHERE seq > (SELECT coalesce(max(seq), 0) FROM journal) - ? ORDER BY seq",
-        (rows,)).fetchall()
+        (rows,))]
     if not found:
         return Tail(0, GENESIS_HASH)
     expected_prev: str | None = None
     for row in found:
         check_row(row, expected_prev)
-        expected_prev = row[9]
-    return Tail(int(found[-1][0]), str(found[-1][9]))
+        expected_prev = row.hash
+    return Tail(found[-1].seq, found[-1].hash)
 
 
-def check_row(row: Sequence[object], expected_prev: str | None) -> None:
-    """Raise ChainBroken unless `row` links to `expected_prev` and hashes to its own hash."""
-    seq, at, kind, source, sid, ref, status, data, prev_hash, digest = row
-    if expected_prev is not None and prev_hash != expected_prev:
-        raise ChainBroken(int(str(seq)), "prev_hash does not match the previous row's hash")
-    again = row_hash(str(prev_hash), int(str(seq)), str(at), str(kind), str(source),
-                     sid, ref, status, str(data))  # type: ignore[arg-type]
-    if again != digest:
-        raise ChainBroken(int(str(seq)), "row content does not match its hash")
+def check_row(row: JournalRow, expected_prev: str | None) -> None:
+    """Raise ChainBroken unless `row` links to `expected_prev` and hashes to its own hash.
+    The row is as SQLite returned it: a value of the wrong type fails the hash, as an edit
+    would."""
+    if expected_prev is not None and row.prev_hash != expected_prev:
+        raise ChainBroken(int(row.seq), "prev_hash does not match the previous row's hash")
+    again = row_hash(str(row.prev_hash), int(row.seq), str(row.at), str(row.kind),
+                     str(row.source), row.sid, row.ref, row.status, str(row.data))
+    if again != row.hash:
+        raise ChainBroken(int(row.seq), "row content does not match its hash")
