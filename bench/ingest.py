@@ -9,6 +9,13 @@ shim) each target is started on a free port, warmed up, driven with unique signe
 over 64 keep-alive connections for a fixed duration, stopped, and its store counted. The
 figures are compared within the run, as ratios, against the targets of the issue. See
 bench/README.md for what each figure means.
+
+    .venv/bin/python bench/ingest.py --modes fast --paced 0 --targets msgledger,msgledger-nginx
+
+puts the daemon behind nginx running deploy/nginx/msgledger.conf as shipped (TLS) in the
+same run as the daemon alone. loadgen.c speaks plain HTTP only, so a run with a proxied
+target drives every target with wrk (Debian's package) replaying the same pre-built
+requests through a Lua script, plain HTTP to the daemon and TLS to the proxy.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -46,6 +54,9 @@ NAIVE_RATIO = {"fast": 1.0, "slow": 3.0}
 PACED_S = 10.0  # seconds of the paced run after each closed-loop run
 FLAT_RSS_GROWTH = 0.10  # "flat": RSS at 1M within 10 % of RSS at 200k (caches warm by then)
 RSS_STEPS = 10  # --million prints RSS every tenth of the run: every 100k callbacks
+PROXY_RATIO = 0.95  # issue 19: through the shipped nginx file >= 0.95 x the daemon alone
+QUIET_CORES = 0.1  # "other cores" at most this: nothing else competed during that round
+GENERATORS = ("auto", "loadgen", "wrk")
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Options:
     keep: bool
     paced: float  # fraction of the closed-loop rate for the paced run; 0 = none
     rounds: int
+    generator: str = "loadgen"  # "loadgen" (bench/loadgen.c) or "wrk" (TLS to a proxy)
 
 
 @dataclass
@@ -83,10 +95,12 @@ class Figures:
     client_cpu_us: float
     other_cores: float  # CPU other processes used during the run, in cores
     steal_cores: float  # CPU the hypervisor took, in cores
-    reconnects: int
+    reconnects: int | None  # None: not known (wrk does not count them)
     pool_exhausted: bool
-    worst_second: int
+    worst_second: int | None  # None: not known (wrk gives no per-request record)
     ok_total: int = 0  # 200s including the warm-up and the paced run
+    proxy_cpu_us: float | None = None  # the proxy's share of server_cpu_us, when proxied
+    generator: str = "loadgen"
     rows: int | None = None
     exit_code: int | None = None
     journal: dict[str, float] = field(default_factory=dict)
@@ -187,11 +201,36 @@ def non_200(result: DriveResult) -> dict[str, int]:
     return counts
 
 
+@dataclass(frozen=True)
+class Summary:
+    """One drive, whichever generator ran it: what the table needs."""
+
+    requests: int  # answers (and, with loadgen, connection errors) counted
+    ok: int  # 200s (wrk: 2xx and 3xx)
+    elapsed_s: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    non_200: dict[str, int]
+    client_cpu_s: float
+    reconnects: int | None = None  # loadgen only
+    worst_second: int | None = None  # loadgen only
+
+
+def summarize(run: DriveResult) -> Summary:
+    lat = sorted(run.latency_us)
+    return Summary(
+        requests=len(run.status), ok=count_ok(run), elapsed_s=run.elapsed_s,
+        p50_ms=percentile(lat, 0.50) / 1000, p99_ms=percentile(lat, 0.99) / 1000,
+        max_ms=(lat[-1] if lat else 0) / 1000, non_200=non_200(run),
+        client_cpu_s=run.client_cpu_s, reconnects=run.reconnects, worst_second=worst_second(run))
+
+
 class RssSampler:
     """Samples the target's process-tree VmRSS every RSS_SAMPLE_S in a thread."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *roots: int) -> None:
+        self.roots = roots
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._t0 = time.monotonic()
@@ -203,7 +242,7 @@ class RssSampler:
             self._stop.wait(RSS_SAMPLE_S)
 
     def sample(self) -> float:
-        rss = targets.tree_rss_mb(self.pid)
+        rss = targets.tree_rss_mb(*self.roots)
         self.samples.append((round(time.monotonic() - self._t0, 2), round(rss, 1)))
         return rss
 
@@ -218,6 +257,93 @@ class RssSampler:
             self.sample()
 
 
+# ------------------------------------------------------------------ the wrk generator
+
+# loadgen.c speaks plain HTTP only. wrk (Debian's 4.1, LuaJIT) speaks TLS, and with this
+# script it replays the same pre-built signed requests as loadgen: [first, first+count),
+# each once, in order, over its connections with one request in flight each (wrk -t1).
+# When they run out the thread stops (a spare GET, which the daemon would answer 405, fills
+# the slot wrk asks for then). done() prints wrk's own counts and latency percentiles (µs).
+WRK_SCRIPT = r"""
+local reqs, n = {}, 0
+local spare = "GET /twilio/status HTTP/1.1\r\nHost: ledger.example.com\r\n\r\n"
+
+local function u64(s, i)
+  local b1, b2, b3, b4, b5, b6, b7, b8 = s:byte(i * 8 + 1, i * 8 + 8)
+  return b1 + b2 * 256 + b3 * 65536 + b4 * 16777216
+    + (b5 + b6 * 256 + b7 * 65536 + b8 * 16777216) * 4294967296
+end
+
+function init(args)
+  local f = assert(io.open(args[1], "rb")); local data = f:read("*a"); f:close()
+  f = assert(io.open(args[2], "rb")); local idx = f:read("*a"); f:close()
+  local first, count = tonumber(args[3]), tonumber(args[4])
+  local last = math.min(first + count, #idx / 8 - 1) - 1
+  for i = first, last do
+    reqs[#reqs + 1] = data:sub(u64(idx, i) + 1, u64(idx, i + 1))
+  end
+end
+
+function request()
+  n = n + 1
+  if n > #reqs then
+    wrk.thread:stop()
+    return spare
+  end
+  return reqs[n]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("wrk_result %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f %.0f\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+WRK_TIMEOUT = "60s"  # wrk's default (2 s) would count a slow answer as an error
+
+
+def wrk_binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wrk_drive(url: str, reqs: RequestSet, first: int, count: int, *, conns: int,
+              duration_s: float) -> Summary:
+    """Replay requests [first, first+count) at `url` with wrk for duration_s (whole seconds:
+    wrk takes no fractions) or until they run out; wrk's own figures."""
+    wrk = wrk_binary()
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
+    script = OUT_DIR / "replay.lua"
+    script.write_text(WRK_SCRIPT)
+    cmd = [wrk, "-t1", f"-c{conns}", f"-d{max(1, math.ceil(duration_s))}s",
+           "--timeout", WRK_TIMEOUT, "-s", str(script), url, "--", str(reqs.bin),
+           str(reqs.idx), str(first), str(count)]
+    cpu0 = _children_cpu()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cpu = _children_cpu() - cpu0
+    line = next((ln for ln in out.splitlines() if ln.startswith("wrk_result ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result:\n{out}")
+    n, dur, connect, read, write, status, timeout, p50, p99, top = map(
+        float, line.split()[1:])
+    errors = {"non-2xx": int(status), "conn-error": int(connect + read + write),
+              "timeout": int(timeout)}
+    return Summary(requests=int(n), ok=int(n - status), elapsed_s=dur / 1e6,
+                   p50_ms=p50 / 1000, p99_ms=p99 / 1000, max_ms=top / 1000,
+                   non_200={k: v for k, v in errors.items() if v}, client_cpu_s=cpu)
+
+
+def wrk_warmup_s(count: int) -> float:
+    """wrk runs for whole seconds even when the requests run out: about 400/s here."""
+    return float(min(10, max(2, math.ceil(count / 400))))
+
+
 # ----------------------------------------------------------------------- a target
 
 
@@ -225,7 +351,8 @@ class RssSampler:
 class Snapshot:
     """CPU and counters at one instant: the target's tree, the machine, msgledger's metrics."""
 
-    server_cpu_s: float
+    server_cpu_s: float  # the server's trees and the proxy's
+    proxy_cpu_s: float  # the proxy's alone (0 without one)
     machine_busy_s: float
     steal_s: float
     metrics: dict[str, float]
@@ -233,7 +360,9 @@ class Snapshot:
     @classmethod
     def take(cls, target: targets.Target) -> Snapshot:
         busy, steal = machine_cpu_s()
-        return cls(targets.tree_cpu_s(target.proc.pid), busy, steal, targets.metrics(target))
+        proxy = targets.tree_cpu_s(target.proxy.proc.pid) if target.proxy else 0.0
+        return cls(targets.tree_cpu_s(*target.roots()), proxy, busy, steal,
+                   targets.metrics(target))
 
 
 def machine_cpu_s() -> tuple[float, float]:
@@ -243,25 +372,39 @@ def machine_cpu_s() -> tuple[float, float]:
     return busy / targets.CLOCK_TICKS, fields[7] / targets.CLOCK_TICKS
 
 
+def drive(target: targets.Target, reqs: RequestSet, first: int, count: int, opts: Options,
+          duration_s: float, tag: str, rate: float = 0.0) -> Summary:
+    """One closed-loop (or, with loadgen, paced) drive at the target with opts.generator."""
+    if opts.generator == "wrk":
+        return wrk_drive(target.url, reqs, first, count, conns=opts.conns,
+                         duration_s=duration_s)
+    if target.proxy is not None:
+        raise RuntimeError(f"{target.name}: loadgen cannot speak TLS; use --generator wrk")
+    return summarize(loadgen.drive(target.port, reqs, first, count, conns=opts.conns,
+                                   duration_s=duration_s, rate=rate, tag=tag))
+
+
 def measure(name: str, mode: str, reqs: RequestSet, opts: Options, shim: Path,
             workdir: Path) -> Figures:
     """Start, warm up, drive (closed loop, then paced), stop and count one target."""
     preload = shim if mode == "slow" else None
     target = targets.start(name, workdir / mode / name, PUBLIC_URL, AUTH_TOKEN,
                            preload=preload, delay_us=opts.delay_us)
-    paced: DriveResult | None = None
+    paced: Summary | None = None
     try:
-        warm = loadgen.drive(target.port, reqs, 0, opts.warmup, conns=opts.conns,
-                             duration_s=max(10.0, opts.duration_s), tag=f"{name}-warm")
+        warm_s = wrk_warmup_s(opts.warmup) if opts.generator == "wrk" else max(
+            10.0, opts.duration_s)
+        warm = drive(target, reqs, 0, opts.warmup, opts, warm_s, f"{name}-warm")
         before = Snapshot.take(target)
-        with RssSampler(target.proc.pid).running() as rss:
-            run = loadgen.drive(target.port, reqs, opts.warmup, opts.max_requests,
-                                conns=opts.conns, duration_s=opts.duration_s, tag=name)
+        with RssSampler(*target.roots()).running() as rss:
+            run = drive(target, reqs, opts.warmup, opts.max_requests, opts, opts.duration_s,
+                        name)
             after = Snapshot.take(target)
-        paced = drive_paced(target, reqs, opts, opts.warmup + len(run.status), run)
+        if opts.generator == "loadgen":  # wrk cannot pace
+            paced = drive_paced(target, reqs, opts, opts.warmup + run.requests, run)
     finally:
         exit_code = targets.stop(target)
-    ok_total = sum(count_ok(r) for r in (warm, run, paced) if r is not None)
+    ok_total = sum(r.ok for r in (warm, run, paced) if r is not None)
     result = figures(name, mode, run, rss.samples, before, after, opts)
     result.ok_total, result.exit_code = ok_total, exit_code
     result.rows = targets.stored_rows(target)
@@ -274,23 +417,21 @@ def count_ok(run: DriveResult) -> int:
 
 
 def drive_paced(target: targets.Target, reqs: RequestSet, opts: Options, first: int,
-                closed: DriveResult) -> DriveResult | None:
+                closed: Summary) -> Summary | None:
     """Drive at opts.paced times the closed-loop rate just measured, for latency at load."""
-    rate = opts.paced * count_ok(closed) / closed.elapsed_s if closed.elapsed_s else 0.0
+    rate = opts.paced * closed.ok / closed.elapsed_s if closed.elapsed_s else 0.0
     duration = min(PACED_S, opts.duration_s)
     count = min(int(rate * duration) + opts.conns, reqs.count - first)
     if rate <= 0 or count < rate * duration:
         return None
-    return loadgen.drive(target.port, reqs, first, count, conns=opts.conns,
-                         duration_s=duration, rate=rate, tag=f"{target.name}-paced")
+    return drive(target, reqs, first, count, opts, duration, f"{target.name}-paced", rate)
 
 
-def paced_figures(run: DriveResult | None) -> dict[str, float]:
-    if run is None or not run.status:
+def paced_figures(run: Summary | None) -> dict[str, float]:
+    if run is None or not run.requests:
         return {}
-    lat = sorted(run.latency_us)
-    return {"rate": count_ok(run) / run.elapsed_s, "p50_ms": percentile(lat, 0.5) / 1000,
-            "p99_ms": percentile(lat, 0.99) / 1000, "non_200": len(run.status) - count_ok(run)}
+    return {"rate": run.ok / run.elapsed_s, "p50_ms": run.p50_ms, "p99_ms": run.p99_ms,
+            "non_200": run.requests - run.ok}
 
 
 def journal_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -306,27 +447,27 @@ def journal_figures(before: dict[str, float], after: dict[str, float]) -> dict[s
             "mean_commit_ms": delta("msgledger_journal_commit_seconds_sum") / commits * 1000}
 
 
-def figures(name: str, mode: str, run: DriveResult, rss: list[tuple[float, float]],
+def figures(name: str, mode: str, run: Summary, rss: list[tuple[float, float]],
             before: Snapshot, after: Snapshot, opts: Options) -> Figures:
-    lat = sorted(run.latency_us)
-    n = len(run.status)
-    ok = count_ok(run)
+    n = run.requests
     rss_values = [mb for _, mb in rss] or [0.0]
     server_cpu = after.server_cpu_s - before.server_cpu_s
+    proxy_cpu = after.proxy_cpu_s - before.proxy_cpu_s
     machine = after.machine_busy_s - before.machine_busy_s
     elapsed = run.elapsed_s or 1.0
     return Figures(
-        target=name, mode=mode, requests=n, ok=ok, durable_per_s=ok / elapsed,
-        p50_ms=percentile(lat, 0.50) / 1000, p99_ms=percentile(lat, 0.99) / 1000,
-        max_ms=(lat[-1] if lat else 0) / 1000, non_200=non_200(run), elapsed_s=run.elapsed_s,
+        target=name, mode=mode, requests=n, ok=run.ok, durable_per_s=run.ok / elapsed,
+        p50_ms=run.p50_ms, p99_ms=run.p99_ms, max_ms=run.max_ms, non_200=run.non_200,
+        elapsed_s=run.elapsed_s,
         rss_mb_start=rss_values[0], rss_mb_max=max(rss_values), rss_mb_end=rss_values[-1],
         server_cpu_us=server_cpu / max(n, 1) * 1e6,
         client_cpu_us=run.client_cpu_s / max(n, 1) * 1e6,
         other_cores=max(0.0, (machine - server_cpu - run.client_cpu_s) / elapsed),
         steal_cores=(after.steal_s - before.steal_s) / elapsed,
-        reconnects=run.reconnects, pool_exhausted=n >= opts.max_requests,
-        worst_second=worst_second(run), journal=journal_figures(before.metrics, after.metrics),
-        rss_series=rss,
+        reconnects=run.reconnects, pool_exhausted=n >= opts.max_requests - opts.conns,
+        worst_second=run.worst_second, journal=journal_figures(before.metrics, after.metrics),
+        rss_series=rss, generator=opts.generator,
+        proxy_cpu_us=proxy_cpu / max(n, 1) * 1e6 if targets.proxy_of(name) else None,
     )
 
 
@@ -335,21 +476,25 @@ def generator_ceiling(reqs: RequestSet, opts: Options) -> dict[str, float]:
     port = targets.free_port()
     sink = loadgen.start_sink(port)
     try:
-        run = loadgen.drive(port, reqs, 0, reqs.count, conns=opts.conns,
-                            duration_s=min(5.0, opts.duration_s), tag="sink")
+        if opts.generator == "wrk":
+            run = wrk_drive(f"http://127.0.0.1:{port}/", reqs, 0, reqs.count,
+                            conns=opts.conns, duration_s=min(5.0, opts.duration_s))
+        else:
+            run = summarize(loadgen.drive(port, reqs, 0, reqs.count, conns=opts.conns,
+                                          duration_s=min(5.0, opts.duration_s), tag="sink"))
     finally:
         sink.terminate()
         sink.wait()
-    n = len(run.status)
-    return {"requests_per_s": n / run.elapsed_s, "client_cpu_us": run.client_cpu_s / n * 1e6,
-            "p99_ms": percentile(sorted(run.latency_us), 0.99) / 1000}
+    return {"requests_per_s": run.requests / run.elapsed_s,
+            "client_cpu_us": run.client_cpu_s / max(run.requests, 1) * 1e6,
+            "p99_ms": run.p99_ms}
 
 
 # ------------------------------------------------------------------------ report
 
 
 COLUMNS = (
-    ("target", "{:<10}"), ("requests", "{:>8}"), ("durable/s", "{:>9}"), ("p50 ms", "{:>7}"),
+    ("target", "{:<20}"), ("requests", "{:>8}"), ("durable/s", "{:>9}"), ("p50 ms", "{:>7}"),
     ("p99 ms", "{:>7}"), ("max ms", "{:>7}"), ("non-200", "{:>7}"), ("RSS MB", "{:>6}"),
     ("srv CPU us/req", "{:>14}"), ("gen CPU us/req", "{:>14}"), ("other cores", "{:>11}"),
     ("worst 1s", "{:>8}"), ("stored/200s", "{:>13}"),
@@ -361,7 +506,8 @@ def row(f: Figures) -> list[str]:
     return [f.target, str(f.requests), f"{f.durable_per_s:.0f}", f"{f.p50_ms:.1f}",
             f"{f.p99_ms:.1f}", f"{f.max_ms:.0f}", str(sum(f.non_200.values())),
             f"{f.rss_mb_max:.0f}", f"{f.server_cpu_us:.0f}", f"{f.client_cpu_us:.0f}",
-            f"{f.other_cores:.2f}", str(f.worst_second), stored]
+            f"{f.other_cores:.2f}", "-" if f.worst_second is None else str(f.worst_second),
+            stored]
 
 
 def print_table(title: str, rows: list[Figures], rounds: dict[str, list[Figures]]) -> None:
@@ -382,7 +528,10 @@ def print_notes(f: Figures, rounds: list[Figures]) -> None:
               f"p99 {f.paced['p99_ms']:.1f} ms, non-200 {f.paced['non_200']:.0f}")
     if f.non_200:
         print(f"  {f.target} non-200: {f.non_200}")
-    if f.reconnects > f.requests // 2:
+    if f.proxy_cpu_us is not None:
+        print(f"  {f.target}: {f.proxy_cpu_us:.0f} us/req of its srv CPU is the proxy's "
+              "(TLS, proxying, access log)")
+    if f.reconnects is not None and f.reconnects > f.requests // 2:
         print(f"  {f.target}: {f.reconnects} connections opened for {f.requests} requests "
               "(the server closes after each response)")
     if f.journal:
@@ -401,18 +550,39 @@ def verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def evaluate(mode: str, by_name: dict[str, Figures]) -> list[dict[str, Any]]:
+def evaluate(mode: str, by_name: dict[str, Figures],
+             rounds: dict[str, list[Figures]] | None = None) -> list[dict[str, Any]]:
     """The issue's targets for one disk mode, as measured ratios, for each msgledger."""
     checks: list[dict[str, Any]] = []
     for name, ml in by_name.items():
         if targets.kind_of(name)[0] == "msgledger":
-            checks.extend(evaluate_one(mode, name, ml, by_name))
+            checks.extend(evaluate_one(mode, name, ml, by_name, rounds or {}))
     return checks
 
 
-def evaluate_one(mode: str, name: str, ml: Figures,
-                 by_name: dict[str, Figures]) -> list[dict[str, Any]]:
+def quiet_rate(runs: list[Figures]) -> tuple[float, int] | None:
+    """Median durable/s of the rounds nothing else competed in, and how many there were."""
+    quiet = [f for f in runs if f.other_cores <= QUIET_CORES]
+    return (median_round(quiet).durable_per_s, len(quiet)) if quiet else None
+
+
+def evaluate_one(mode: str, name: str, ml: Figures, by_name: dict[str, Figures],
+                 rounds: dict[str, list[Figures]]) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
+    proxy = targets.proxy_of(name)
+    direct = name.removesuffix(f"-{proxy}") if proxy else None
+    if direct in by_name:
+        base = by_name[direct]
+        ratio = ml.durable_per_s / base.durable_per_s
+        checks.append(check(mode, f"{name} >= {PROXY_RATIO:g} x {direct}", ratio,
+                            ratio >= PROXY_RATIO, f"{ratio:.2f} x (p99 {ml.p99_ms:.0f} vs "
+                            f"{base.p99_ms:.0f} ms)"))
+        ours, theirs = quiet_rate(rounds.get(name, [])), quiet_rate(rounds.get(direct, []))
+        if len(rounds.get(name, [])) > 1 and ours and theirs:
+            quiet = ours[0] / theirs[0]
+            checks.append(check(mode, f"  (quiet rounds only, {ours[1]} and {theirs[1]})",
+                                quiet, quiet >= PROXY_RATIO,
+                                f"{quiet:.2f} x ({ours[0]:.0f} vs {theirs[0]:.0f}/s)"))
     for baseline, need in (("empty", EMPTY_RATIO), ("empty-w2", EMPTY_RATIO),
                            ("naive", NAIVE_RATIO[mode])):
         if baseline in by_name:
@@ -438,7 +608,7 @@ def check(mode: str, name: str, value: Any, ok: bool, shown: str) -> dict[str, A
 def print_checks(checks: list[dict[str, Any]]) -> None:
     print("\nTargets (ratios within this run)")
     for c in checks:
-        print(f"  [{c['mode']:<4}] {c['target']:<42} {c['shown']:<24} {verdict(c['pass'])}")
+        print(f"  [{c['mode']:<4}] {c['target']:<42} {c['shown']:<28} {verdict(c['pass'])}")
 
 
 def write_json(payload: dict[str, Any], name: str) -> Path:
@@ -459,7 +629,8 @@ def header(opts: Options, reqs: RequestSet, sanity: dict[str, float],
     print(f"  stores under {workdir}: {fs_of(workdir)}")
     print(f"  requests: {reqs.count} pre-built unique signed callbacks, {reqs.mean_bytes} B "
           f"each on the wire ({reqs.mean_body_bytes} B form body)")
-    print(f"  load: {opts.conns} keep-alive connections, 1 request in flight each; "
+    print(f"  load ({opts.generator}): {opts.conns} keep-alive connections, 1 request in "
+          "flight each; "
           f"warm-up {opts.warmup} requests, then {opts.duration_s:g} s "
           f"(at most {opts.max_requests} requests) per target, {opts.rounds} round(s)")
     if opts.paced:
@@ -468,8 +639,22 @@ def header(opts: Options, reqs: RequestSet, sanity: dict[str, float],
     print(f"  fsync sanity (SQLite WAL synchronous=FULL, 1 row a commit): "
           f"{sanity['fast']:.2f} ms a commit as is, {sanity['slow']:.2f} ms with the "
           f"+{opts.delay_us} us shim")
-    print(f"  generator ceiling (loadgen.c against its own C sink): "
+    name = ("loadgen.c" if opts.generator == "loadgen"
+            else "wrk -t1 replaying them (plain HTTP here)")
+    print(f"  generator ceiling ({name} against loadgen's C sink): "
           f"{ceiling['requests_per_s']:.0f} req/s, {ceiling['client_cpu_us']:.0f} us CPU/req")
+    if opts.generator == "wrk":
+        print("  generator: wrk (loadgen.c speaks no TLS): plain HTTP to a bare server, TLS to "
+              "a proxy, every target in this run; wrk counts no reconnects, keeps no "
+              "per-request record (worst 1s: -) and cannot pace (no paced run)")
+    for name in opts.targets:
+        proxy = targets.proxy_of(name)
+        if proxy:
+            shipped = "deploy/nginx/msgledger.conf" if proxy == "nginx" else \
+                "deploy/haproxy/msgledger.cfg"
+            print(f"  {name}: the daemon behind {proxy} running {shipped} as shipped (listen "
+                  "port, a self-signed P-256 certificate and the daemon's address "
+                  "substituted), TLS from the generator")
 
 
 def run_modes(opts: Options, reqs: RequestSet, shim: Path, workdir: Path) -> dict[str, Any]:
@@ -486,7 +671,7 @@ def run_modes(opts: Options, reqs: RequestSet, shim: Path, workdir: Path) -> dic
         title = ("fast disk: this machine's fsync" if mode == "fast"
                  else f"slow disk: every fsync +{opts.delay_us / 1000:g} ms (LD_PRELOAD shim)")
         print_table(title, list(by_name.values()), rounds)
-        checks.extend(evaluate(mode, by_name))
+        checks.extend(evaluate(mode, by_name, rounds))
     return {"results": [asdict(f) for f in results], "checks": checks}
 
 
@@ -608,6 +793,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--million-target", default="msgledger",
                    help="the target --million drives (msgledger)")
     p.add_argument("--keep", action="store_true", help="keep stores, logs and requests")
+    p.add_argument("--generator", choices=GENERATORS, default="auto",
+                   help="loadgen (plain HTTP) or wrk (TLS too); auto: wrk when a target is "
+                        "behind a proxy, else loadgen")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.max_requests = 4.0, 300, 15_000
@@ -623,9 +811,26 @@ def options(args: argparse.Namespace) -> Options:
     if ours and not msgledger_runnable():
         print("msgledger run --help fails: measuring the baselines only", file=sys.stderr)
         names = tuple(t for t in names if t not in ours)
+    for name in names:
+        proxy = targets.proxy_of(name)
+        if proxy and shutil.which(proxy, path=targets.SBIN_PATH) is None:
+            raise SystemExit(f"{name}: {proxy} is not installed "
+                             "(apt-get install -y nginx-light haproxy)")
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if any(targets.proxy_of(t) for t in names) else "loadgen"
+    if generator == "loadgen" and any(targets.proxy_of(t) for t in names):
+        raise SystemExit("loadgen speaks no TLS: a proxied target needs --generator wrk")
+    paced = args.paced
+    if generator == "wrk":
+        if wrk_binary() is None:
+            raise SystemExit("--generator wrk: wrk is not installed (apt-get install -y wrk)")
+        if paced:
+            print("wrk cannot pace: no paced run", file=sys.stderr)
+        paced = 0.0
     return Options(args.duration, args.max_requests, args.warmup, args.conns,
                    tuple(m for m in args.modes.split(",") if m), names, args.delay_us,
-                   args.keep, args.paced, max(1, args.rounds))
+                   args.keep, paced, max(1, args.rounds), generator)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -633,6 +838,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.million:
         if args.million_target not in opts.targets:
             raise SystemExit(f"--million: {args.million_target} is not runnable")
+        if targets.proxy_of(args.million_target):
+            raise SystemExit("--million drives one server with loadgen: no proxied target")
         million_run(opts, args.million_total, args.million_target)
     else:
         full_run(opts)

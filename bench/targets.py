@@ -4,6 +4,11 @@
 - `naive`: bench/naive_receiver.py, Flask under gunicorn with 2 sync workers.
 - `empty`: bench/empty_app.py, a raw ASGI app on hypercorn's trio worker.
 
+A `-nginx` or `-haproxy` suffix (`msgledger-nginx`, `msgledger-w2-nginx`) puts the daemon
+behind that proxy running the shipped deploy/ file, only its placeholders substituted (the
+listen port, a throwaway self-signed certificate, the daemon's address): the generator then
+speaks TLS to the proxy, as Twilio does.
+
 All of them read `X-Twilio-Signature` against the same fixed public URL, so one set of
 pre-built requests serves every target and every port (as behind a reverse proxy).
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -21,18 +27,41 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 60.0  # msgledger may create its schema first
 STOP_TIMEOUT_S = 60.0  # a graceful drain commits what is in flight
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-TARGETS = ("msgledger", "msgledger-w2", "msgledger-w3", "naive", "empty", "empty-w2")
+PROXIES = ("nginx", "haproxy")
+TARGETS = ("msgledger", "msgledger-w2", "msgledger-w3", "msgledger-nginx", "msgledger-w2-nginx",
+           "msgledger-haproxy", "msgledger-w2-haproxy", "naive", "empty", "empty-w2")
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def proxy_of(name: str) -> str | None:
+    """`msgledger-w2-nginx` -> "nginx": the proxy in front, or None."""
+    _, _, last = name.rpartition("-")
+    return last if last in PROXIES else None
 
 
 def kind_of(name: str) -> tuple[str, int]:
     """`msgledger-w2` -> ("msgledger", 2): the server and how many processes serve HTTP."""
-    kind, _, workers = name.partition("-w")
+    proxy = proxy_of(name)
+    base = name.removesuffix(f"-{proxy}") if proxy else name
+    kind, _, workers = base.partition("-w")
     return kind, int(workers or 1)
+
+
+@dataclass
+class Proxy:
+    """nginx or HAProxy in front of a target, on its own port, speaking TLS."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
 
 
 @dataclass
@@ -47,6 +76,18 @@ class Target:
     count_sql: str | None
     log_path: Path
     extra: dict[str, str] = field(default_factory=dict)
+    proxy: Proxy | None = None
+
+    @property
+    def url(self) -> str:
+        """Where the load goes: the proxy's TLS port, or the server itself."""
+        if self.proxy is not None:
+            return f"https://127.0.0.1:{self.proxy.port}/"
+        return f"http://127.0.0.1:{self.port}/"
+
+    def roots(self) -> list[int]:
+        """The process trees that serve this target: the server's, and the proxy's."""
+        return [self.proc.pid] + ([self.proxy.proc.pid] if self.proxy else [])
 
 
 def free_port() -> int:
@@ -114,7 +155,122 @@ def start(name: str, workdir: Path, public_url: str, token: str, *,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     target = Target(name, port, proc, workdir, db, count_sql, log_path, extra)
     _wait_ready(target)
+    proxy = proxy_of(name)
+    if proxy is not None:
+        try:
+            target.proxy = start_proxy(proxy, workdir, f"127.0.0.1:{port}")
+        except BaseException:
+            stop(target)
+            raise
     return target
+
+
+# ------------------------------------------------------------------ the proxy in front
+
+
+def substitute(text: str, replacements: dict[str, str]) -> str:
+    """Replace the shipped file's placeholders; each must be in a setting, not a comment."""
+    settings = [line.split("#", 1)[0] for line in text.splitlines()]
+    for old, new in replacements.items():
+        if not any(old in line for line in settings):
+            raise RuntimeError(f"placeholder {old!r} is no longer in the shipped file")
+        text = text.replace(old, new)
+    return text
+
+
+def _self_signed(workdir: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for the public host, and its key (openssl, P-256)."""
+    cert, key = workdir / "proxy-cert.pem", workdir / "proxy-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                    "-subj", "/CN=ledger.example.com", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def _proxy_binary(name: str) -> str:
+    found = shutil.which(name, path=SBIN_PATH)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed (apt-get install -y nginx-light haproxy)")
+    return found
+
+
+def _nginx_command(workdir: Path, port: int, upstream: str) -> list[str]:
+    """deploy/nginx/msgledger.conf, substituted, in an nginx.conf shaped like Debian's
+    (worker_processes auto, worker_connections 768, an access log) with every file it
+    writes in workdir."""
+    cert, key = _self_signed(workdir)
+    site = substitute((DEPLOY_DIR / "nginx" / "msgledger.conf").read_text(), {
+        "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;",
+        "/etc/ssl/msgledger/fullchain.pem": str(cert),
+        "/etc/ssl/msgledger/privkey.pem": str(key),
+        "server 127.0.0.1:8080;": f"server {upstream};",
+    })
+    (workdir / "nginx-msgledger.conf").write_text(site)
+    temp = "".join(f"    {kind}_temp_path {workdir / ('nginx-' + kind)};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    main = workdir / "nginx.conf"
+    main.write_text("worker_processes auto;\n"
+                    f"error_log {workdir / 'nginx-error.log'} notice;\n"
+                    "events { worker_connections 768; }\n"
+                    "http {\n"
+                    f"    access_log {workdir / 'nginx-access.log'};\n"
+                    f"{temp}"
+                    f"    include {workdir / 'nginx-msgledger.conf'};\n"
+                    "}\n")
+    return [_proxy_binary("nginx"), "-p", str(workdir), "-e", str(workdir / "nginx-error.log"),
+            "-c", str(main), "-g", f"daemon off; pid {workdir / 'nginx.pid'};"]
+
+
+def _haproxy_command(workdir: Path, port: int, upstream: str) -> list[str]:
+    """deploy/haproxy/msgledger.cfg, substituted, without its chroot/user/group lines
+    (they need root and Debian's haproxy account); it logs a line a request to stdout."""
+    cert, key = _self_signed(workdir)
+    bundle = workdir / "proxy-bundle.pem"
+    bundle.write_text(cert.read_text() + key.read_text())
+    text = substitute((DEPLOY_DIR / "haproxy" / "msgledger.cfg").read_text(), {
+        "bind :443 ": f"bind 127.0.0.1:{port} ",
+        "/etc/haproxy/certs/msgledger.pem": str(bundle),
+        "server msgledger 127.0.0.1:8080 ": f"server msgledger {upstream} ",
+    })
+    text = "".join(line for line in text.splitlines(keepends=True)
+                   if not line.strip().startswith(("chroot ", "user ", "group ")))
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(text)
+    return [_proxy_binary("haproxy"), "-db", "-f", str(cfg)]
+
+
+def start_proxy(name: str, workdir: Path, upstream: str) -> Proxy:
+    """The proxy in the foreground on a free port in front of `upstream`; wait for it."""
+    port = free_port()
+    command = (_nginx_command if name == "nginx" else _haproxy_command)(workdir, port, upstream)
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proxy = Proxy(name, port, proc, log_path)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proxy
+        except OSError:
+            time.sleep(0.05)
+    stop_proxy(proxy)
+    raise RuntimeError(f"{name} not listening after {READY_TIMEOUT_S:g} s")
+
+
+def stop_proxy(proxy: Proxy) -> None:
+    """SIGTERM to the proxy we started (nginx: fast shutdown; HAProxy: hard stop)."""
+    if proxy.proc.poll() is None:
+        proxy.proc.send_signal(signal.SIGTERM)
+        try:
+            proxy.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proxy.proc.pid, signal.SIGKILL)
+            proxy.proc.wait()
 
 
 def _get(port: int, path: str) -> int:
@@ -163,7 +319,10 @@ def _wait_ready(target: Target) -> None:
 
 
 def stop(target: Target) -> int | None:
-    """SIGTERM, wait for a graceful exit (SIGKILL after STOP_TIMEOUT_S); the exit code."""
+    """SIGTERM, wait for a graceful exit (SIGKILL after STOP_TIMEOUT_S); the exit code.
+    The proxy in front, if any, stops first."""
+    if target.proxy is not None:
+        stop_proxy(target.proxy)
     if target.proc.poll() is None:
         target.proc.send_signal(signal.SIGTERM)
         try:
@@ -220,15 +379,16 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def tree_rss_mb(root: int) -> float:
-    """VmRSS summed over the process and its descendants (gunicorn and hypercorn fork)."""
-    return sum(_rss_kb(pid) for pid in _proc_tree(root)) / 1024
+def tree_rss_mb(*roots: int) -> float:
+    """VmRSS summed over the processes and their descendants (gunicorn, hypercorn and nginx
+    fork)."""
+    return sum(_rss_kb(pid) for root in roots for pid in _proc_tree(root)) / 1024
 
 
-def tree_cpu_s(root: int) -> float:
-    """User + system CPU of the live process tree, children already reaped included."""
+def tree_cpu_s(*roots: int) -> float:
+    """User + system CPU of the live process trees, children already reaped included."""
     ticks = 0
-    for pid in _proc_tree(root):
+    for pid in (pid for root in roots for pid in _proc_tree(root)):
         fields = _stat_fields(pid)
         if fields:
             ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
