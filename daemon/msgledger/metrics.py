@@ -7,12 +7,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
-# Commit latency buckets (seconds): a local fsync is ~0.1 ms, network storage several ms,
-# and anything near the 5 s ack timeout is an incident.
+# Commit latency buckets (seconds): a local fsync is well under a millisecond (bench/README.md),
+# network storage several ms, and anything near the 5 s ack timeout is an incident.
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 TallyKey = tuple[str, tuple[tuple[str, str], ...]]  # a counter's name, its labels sorted
+
+
+class TallyRefused(ValueError):
+    """A front's tally names a counter, or labels, that this process does not keep."""
 
 
 class Metrics:
@@ -46,11 +50,19 @@ class Metrics:
                 if sample.name.endswith("_total")]
 
     def add_tally(self, tally: list[list[Any]], before: dict[TallyKey, float]) -> None:
-        """Count what a front's `tally` adds to what it reported `before` (kept up to date)."""
-        for name, given, total in tally:
-            labels = dict(given)  # TypeError or ValueError if it is not one: a malformed frame
+        """Count what a front's `tally` adds to what it reported `before` (kept up to date);
+        TallyRefused for a counter or labels not ours (the frame's shape is the link's to
+        check)."""
+        for name, labels, total in tally:
+            counter = self._tallied.get(name)
+            if counter is None:
+                raise TallyRefused(f"no counter {name!r}")
+            try:
+                child = counter.labels(**labels)
+            except ValueError as error:  # prometheus_client: labels not the counter's
+                raise TallyRefused(f"{name}: {error}") from None
             key = (name, tuple(sorted(labels.items())))
-            self._tallied[name].labels(**labels).inc(max(0.0, total - before.get(key, 0.0)))
+            child.inc(max(0.0, total - before.get(key, 0.0)))
             before[key] = total
 
     def render(self) -> bytes:

@@ -26,7 +26,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any, cast
+from typing import Any, assert_never, cast
 
 import orjson
 import structlog
@@ -45,6 +45,7 @@ from .. import logs
 from ..deadlines import AckDeadlines
 from ..drain import drain_when, watch_signals
 from ..events import (
+    Ack,
     JournalInbox,
     JournalUnavailable,
     Reply,
@@ -67,21 +68,24 @@ from ..http.webhooks import (
 from ..journal import INTAKE_BUFFER, MAX_BATCH  # a frame holds what one commit may
 from ..journal_client import JournalClient
 from ..metrics import Metrics
-from ..settings import Settings
 from .link import (
     FRAME_BUDGET,
-    Frame,
+    AcksFrame,
+    Answer,
+    DrainFrame,
+    EventsFrame,
+    HealthFrame,
     Link,
     LinkBroken,
-    ack_from_wire,
+    RawFrame,
+    ReadyFrame,
+    RequestFrame,
+    ResponseFrame,
+    TallyFrame,
+    decode_settings,
+    decode_to_front,
     event_to_wire,
-    events_frame,
-    health_from_wire,
-    scope_to_wire,
-    to_bytes,
-    to_text,
 )
-from .relay import Answer
 
 # What Quart routes to /v1: werkzeug merges repeated slashes, so "//v1" gets there too.
 _API_PATH = re.compile(r"/+v1(/|$)")
@@ -127,18 +131,17 @@ class Forwarder:
                 submission.reply.answer(JournalUnavailable("event too large to forward"))
                 continue
             if size + len(data) > FRAME_BUDGET:
-                frames.append(events_frame(encoded))
+                frames.append(EventsFrame.join(encoded))
                 encoded, size = [], 0
             self._pending[ident] = submission.reply
             encoded.append(data)
             size += len(data) + 1
         if encoded:
-            frames.append(events_frame(encoded))
+            frames.append(EventsFrame.join(encoded))
         return frames
 
-    def answer(self, acks: list[list[Any]]) -> None:
-        for item in acks:
-            ident, ack = ack_from_wire(item)
+    def answer(self, acks: list[tuple[int, Ack]]) -> None:
+        for ident, ack in acks:
             reply = self._pending.pop(ident, None)
             if reply is not None:
                 reply.answer(ack)
@@ -167,7 +170,7 @@ class Relay:
     def __init__(self, link: Link, api_token: str | None, routes: Routes) -> None:
         self._link = link
         self._ids = itertools.count()
-        self._waiting: dict[int, tuple[trio.Event, list[Frame]]] = {}
+        self._waiting: dict[int, tuple[trio.Event, list[Answer]]] = {}
         self._bearer = f"Bearer {api_token}".encode() if api_token else None
         self._routes = Map([Rule(rule, methods=methods) for rule, methods in routes]).bind("")
 
@@ -218,11 +221,11 @@ class Relay:
 
     async def _ask(self, scope: HTTPScope, body: bytes) -> Answer:
         """The main process's answer; 503 if the link breaks, 504 if it does not come."""
-        ident, done, answer = next(self._ids), trio.Event(), list[Frame]()
-        self._waiting[ident] = (done, answer)
+        ident, done, answers = next(self._ids), trio.Event(), list[Answer]()
+        self._waiting[ident] = (done, answers)
         try:
             with trio.move_on_after(RELAY_TIMEOUT):
-                await self._link.send(["request", ident, scope_to_wire(scope), to_text(body)])
+                await self._link.send(RequestFrame(ident, scope, body))
                 await done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return _UNAVAILABLE
@@ -230,16 +233,14 @@ class Relay:
             self._waiting.pop(ident, None)
         if not done.is_set():
             return _TIMED_OUT  # the main process may still act on it, as after any timeout
-        if not answer:
-            return _UNAVAILABLE
-        _, _, status, headers, text = answer[0]
-        return status, [(to_bytes(k), to_bytes(v)) for k, v in headers], to_bytes(text)
+        return answers[0] if answers else _UNAVAILABLE
 
-    def answer(self, frame: Frame) -> None:
-        waiting = self._waiting.get(frame[1])
+    def answer(self, response: ResponseFrame) -> None:
+        waiting = self._waiting.get(response.ident)
         if waiting is not None:
-            waiting[1].append(frame)
-            waiting[0].set()
+            done, answers = waiting
+            answers.append(response.answer)
+            done.set()
 
     def fail_all(self) -> None:
         for done, _ in self._waiting.values():
@@ -305,11 +306,13 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
     process breaks (1: the main process is gone, so nothing here can become durable)."""
     link = Link(socket.socket(fileno=link_fd))
     frames = link.frames()
-    settings, public_url, routes = _settings_from(await anext(frames))
+    setup = decode_settings(await anext(frames))
+    settings = setup.settings
     logs.configure(settings.log_level)
     structlog.contextvars.bind_contextvars(worker=worker)
-    state = ServerState(public_url=public_url)
-    forwarder, relay, metrics = Forwarder(link), Relay(link, settings.api_token, routes), Metrics()
+    state = ServerState(public_url=setup.public_url)
+    forwarder, metrics = Forwarder(link), Metrics()
+    relay = Relay(link, settings.api_token, setup.routes)
     deadlines = AckDeadlines(settings.http_ack_timeout)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
     journal = JournalClient(intake, deadlines)  # its consumer is the forwarder, not a journal
@@ -329,7 +332,7 @@ async def run_front(link_fd: int, listen_fd: int, worker: int) -> int:
                                 partial(drain_when, stop, state))
             gc.freeze()  # as the main process: what lives for good is not rescanned
             state.ready = True
-            await link.send(["ready"])
+            await link.send(ReadyFrame())
             log.info("front_ready", pid=os.getpid())
         await _send_tally(link, metrics.tally())  # every request answered: final
         nursery.cancel_scope.cancel()
@@ -347,22 +350,26 @@ async def _serve(app: ASGIFramework, config: ConnectionConfig, journal: JournalC
         await serve_http(app, config, shutdown, task_status=task_status)
 
 
-async def _read_link(frames: AsyncIterator[Frame], forwarder: Forwarder, relay: Relay,
+async def _read_link(frames: AsyncIterator[RawFrame], forwarder: Forwarder, relay: Relay,
                      state: ServerState, stop: trio.Event, lost: trio.Event,
                      everything: trio.CancelScope) -> None:
     """Dispatch the main process's answers, its word on the store's health, and its drain
-    request. The main process never closes a link first, so its end means it is gone: fail
-    whoever waits (503) and end."""
+    request. The main process never closes a link first, so its end means it is gone, and
+    a frame a front does not read means it cannot be trusted: either way fail whoever
+    waits (503) and end. Only decoding is checked: an error in acting on a frame is ours."""
     try:
-        async for frame in frames:
-            if frame[0] == "acks":
-                forwarder.answer(frame[1])
-            elif frame[0] == "response":
-                relay.answer(frame)
-            elif frame[0] == "health":
-                state.report_store(health_from_wire(frame))
-            elif frame[0] == "drain":
-                stop.set()  # as a first signal: a signal may come too, and drains the same
+        async for raw in frames:
+            match decode_to_front(raw):
+                case AcksFrame(acks):
+                    forwarder.answer(acks)
+                case ResponseFrame() as response:
+                    relay.answer(response)
+                case HealthFrame(problem):
+                    state.report_store(problem)
+                case DrainFrame():
+                    stop.set()  # as a first signal: a signal may come too, and drains the same
+                case unexpected:
+                    assert_never(unexpected)
     except (LinkBroken, trio.BrokenResourceError) as error:
         log.error("link_broken", error=str(error))
     forwarder.fail_all("main process unavailable")
@@ -387,12 +394,4 @@ async def _report_tallies(link: Link, metrics: Metrics) -> None:
 async def _send_tally(link: Link, totals: list[list[Any]]) -> None:
     """Report `totals`; a broken link is `_read_link`'s to handle."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await link.send(["tally", totals])
-
-
-def _settings_from(frame: Frame) -> tuple[Settings, str, Routes]:
-    name, values, public_url, routes = frame
-    if name != "settings":
-        raise RuntimeError(f"the main process sent {name!r} before the settings")
-    values["http_trusted_proxies"] = tuple(values["http_trusted_proxies"])  # JSON: a list
-    return Settings(**values), public_url, [(rule, methods) for rule, methods in routes]
+        await link.send(TallyFrame(totals))

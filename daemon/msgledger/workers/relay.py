@@ -11,9 +11,9 @@ import trio
 from hypercorn.typing import ASGIFramework, ConnectionState, HTTPScope, LifespanScope
 
 from ..logs import get_logger
+from .link import Answer
 
 log = get_logger("msgledger.relay")
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 SHUTDOWN_TIMEOUT = 10.0  # seconds for the app's own shutdown (Quart's background tasks)
 
 

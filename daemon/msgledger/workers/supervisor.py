@@ -7,6 +7,9 @@ reporter (whether the store commits, for the front's /healthz). Events
 from a front go through the same intake as the main process's own, so the journal batches
 them all together. A link holds its own journal client until the front has gone, so the
 journal closes only after the last front's last event.
+
+A front is started by `FrontDeps.spawn` (`spawn_front`: a child process), which returns a
+`FrontProcess` handle: a test can start fakes instead, on virtual time.
 """
 
 from __future__ import annotations
@@ -17,31 +20,35 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, assert_never
 
 import trio
 from hypercorn.typing import ASGIFramework, HTTPScope
 
 from ..drain import drain_when
-from ..events import Reply
+from ..events import Event, Reply
 from ..http.server import Router, serve_admin
 from ..http.state import ServerState
 from ..journal_client import JournalClient
 from ..listeners import Listeners, url_of
 from ..logs import get_logger
-from ..metrics import Metrics, TallyKey
+from ..metrics import Metrics, TallyKey, TallyRefused
 from ..settings import Settings
 from .link import (
-    Frame,
+    AcksFrame,
+    DrainFrame,
+    EventsFrame,
+    HealthFrame,
     Link,
     LinkBroken,
-    ack_to_wire,
-    event_from_wire,
-    health_frame,
-    scope_from_wire,
-    to_bytes,
-    to_text,
+    RawFrame,
+    ReadyFrame,
+    RequestFrame,
+    ResponseFrame,
+    SettingsFrame,
+    TallyFrame,
+    decode_to_main,
 )
 from .relay import call_asgi, open_app
 
@@ -54,10 +61,72 @@ LINK_END_GRACE = 5.0  # seconds a front may outlive its link: enough to log and 
 DRAIN_MARGIN = 5.0  # seconds past graceful_timeout + ack_timeout before a draining front is killed
 log = get_logger("msgledger.supervisor")
 
-Waiting = list[tuple[int, Reply]]
+# The replies of one `events` frame, by the front's ids: their acks are due, in this order.
+AcksDue = list[tuple[int, Reply]]
+
+
+# ------------------------------------------------------------------- the processes
+
+
+class FrontProcess(Protocol):
+    """A started front, as the supervisor handles it."""
+
+    @property
+    def pid(self) -> int:
+        """For the logs."""
+        ...
+
+    async def wait(self) -> int:
+        """Its exit code, once it has exited."""
+        ...
+
+    def kill(self) -> None:
+        """Kill it now; nothing if it has exited already."""
+        ...
+
+
+# Start front `worker` (its number) on its end of the link and the public listener. Both
+# sockets are closed once it returns: what it starts keeps copies of its own.
+Spawn = Callable[[int, socket.socket, socket.socket], FrontProcess]
+
+
+def spawn_front(worker: int, link: socket.socket, listener: socket.socket) -> FrontProcess:
+    """Start front `worker` as a child process. Popen runs here, in the thread that lives as
+    long as the process: a front's parent-death signal is tied to the thread that forked it."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # only the main process speaks to systemd
+    fds = (link.fileno(), listener.fileno())
+    argv = [sys.executable, "-m", "msgledger", "front", "--worker", str(worker),
+            "--link-fd", str(fds[0]), "--listen-fd", str(fds[1]),
+            "--parent", str(os.getpid())]
+    process = subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+    log.info("front_started", worker=worker, pid=process.pid)
+    return ChildFront(process)
 
 
 @dataclasses.dataclass(frozen=True)
+class ChildFront:
+    """A front that is a child process of this one."""
+
+    process: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait(self) -> int:
+        pidfd = os.pidfd_open(self.process.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        return self.process.wait()
+
+    def kill(self) -> None:
+        self.process.kill()  # Popen signals no process it has seen exit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FrontDeps:
     settings: Settings
     public_url: str
@@ -65,6 +134,10 @@ class FrontDeps:
     router: Router  # answers relayed requests: the main process's router and Quart app
     metrics: Metrics
     state: ServerState  # its store health is told to every front
+    spawn: Spawn = spawn_front
+
+
+# ------------------------------------------------------------------------- the fronts
 
 
 async def serve_by_fronts(journal: JournalClient, router: Router, listeners: Listeners,
@@ -78,7 +151,8 @@ async def serve_by_fronts(journal: JournalClient, router: Router, listeners: Lis
     Closes `journal` and `router.journal` once the last front has gone."""
     url = url_of(listeners.public)
     state.public_url = state.public_url or url
-    deps = FrontDeps(settings, state.public_url, listeners.public, router, metrics, state)
+    deps = FrontDeps(settings=settings, public_url=state.public_url, listener=listeners.public,
+                     router=router, metrics=metrics, state=state)
     with router.journal:
         async with open_app(router), trio.open_nursery() as nursery:
             nursery.start_soon(drain_when, stop, state)
@@ -98,12 +172,12 @@ async def run_fronts(journal: JournalClient, deps: FrontDeps, count: int, stop: 
     with journal, deps.listener:
         async with trio.open_nursery() as fronts:
             fronts.start_soon(_close_on, stop, deps.listener)
-            ready = [trio.Event() for _ in range(count)]
-            for worker, event in enumerate(ready, start=1):
-                fronts.start_soon(_keep_front, journal.clone(), deps, worker, stop, event)
+            front_ready = [trio.Event() for _ in range(count)]
+            for worker, ready in enumerate(front_ready, start=1):
+                fronts.start_soon(_keep_front, journal.clone(), deps, worker, stop, ready)
             with trio.fail_after(START_TIMEOUT):
-                for event in ready:
-                    await _either(event, stop)  # a stop while starting ends the wait
+                for ready in front_ready:
+                    await _either(ready, stop)  # a stop while starting ends the wait
             task_status.started()
 
 
@@ -154,10 +228,8 @@ async def _run_front_once(journal: JournalClient, deps: FrontDeps, worker: int,
     """One front's life: spawn it, serve its link, drain it on `stop`; its exit code."""
     ours, theirs = socket.socketpair()
     with ours:
-        try:
-            process = _spawn(worker, theirs.fileno(), deps.listener.fileno())
-        finally:
-            theirs.close()
+        with theirs:  # once spawned, the front holds its own copy
+            process = deps.spawn(worker, theirs, deps.listener)
         link, link_ended = Link(ours), trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -166,38 +238,14 @@ async def _run_front_once(journal: JournalClient, deps: FrontDeps, worker: int,
                 async with trio.open_nursery() as watching:
                     watching.start_soon(_drain_on, stop, link, process, deps.settings)
                     watching.start_soon(_reap_after, link_ended, process)
-                    code = await _wait_exit(process)
+                    code = await process.wait()
                     watching.cancel_scope.cancel()
         finally:
-            if process.poll() is None:  # cancelled (a second signal): do not leave it behind
-                process.kill()
+            process.kill()  # if cancelled (a second signal): do not leave it behind
     return code
 
 
-def _spawn(worker: int, link_fd: int, listen_fd: int) -> subprocess.Popen[bytes]:
-    """Start front `worker`. Popen runs here, in the thread that lives as long as the process:
-    a front's parent-death signal is tied to the thread that forked it."""
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)  # only the main process speaks to systemd
-    argv = [sys.executable, "-m", "msgledger", "front", "--worker", str(worker),
-            "--link-fd", str(link_fd), "--listen-fd", str(listen_fd),
-            "--parent", str(os.getpid())]
-    process = subprocess.Popen(argv, pass_fds=(link_fd, listen_fd), env=env,
-                               stdin=subprocess.DEVNULL)
-    log.info("front_started", worker=worker, pid=process.pid)
-    return process
-
-
-async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
-    pidfd = os.pidfd_open(process.pid)
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-    return process.wait()
-
-
-async def _reap_after(link_ended: trio.Event, process: subprocess.Popen[bytes]) -> None:
+async def _reap_after(link_ended: trio.Event, process: FrontProcess) -> None:
     """A front whose link has ended can make nothing durable: if it has not gone on its own
     shortly after (a drained front closes its link, then exits), kill it, so it is
     restarted instead of answering 503 for ever."""
@@ -207,7 +255,7 @@ async def _reap_after(link_ended: trio.Event, process: subprocess.Popen[bytes]) 
     process.kill()
 
 
-async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[bytes],
+async def _drain_on(stop: trio.Event, link: Link, process: FrontProcess,
                     settings: Settings) -> None:
     """On `stop`, have the front drain; kill it if it outstays its deadline.
 
@@ -215,7 +263,7 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
     and a second signal would tell the front to give up its drain."""
     await stop.wait()
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await link.send(["drain"])
+        await link.send(DrainFrame())
     await trio.sleep(settings.http_graceful_timeout + settings.http_ack_timeout + DRAIN_MARGIN)
     log.error("front_killed", pid=process.pid, why="did not drain in time")
     process.kill()
@@ -225,23 +273,24 @@ async def _drain_on(stop: trio.Event, link: Link, process: subprocess.Popen[byte
 
 
 async def _serve_link(link: Link, journal: JournalClient, deps: FrontDeps, worker: int,
-                      ready: trio.Event, ended: trio.Event) -> None:
-    """Serve one front's link until the front closes it or breaks it; then set `ended`."""
-    acks, waiting = trio.open_memory_channel[Waiting](ACK_BACKLOG)
+                      ready: trio.Event, link_ended: trio.Event) -> None:
+    """Serve one front's link until the front closes it or breaks it; then set
+    `link_ended`."""
+    acks_due_in, acks_due_out = trio.open_memory_channel[AcksDue](ACK_BACKLOG)
     with journal:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_acks, link, waiting)
-            with acks:
-                served = _LinkServer(link, journal, acks, deps, nursery, ready)
+            nursery.start_soon(_send_acks, link, acks_due_out)
+            with acks_due_in:
+                server = _LinkServer(link, journal, acks_due_in, deps, nursery, ready)
                 try:
-                    await link.send(["settings", dataclasses.asdict(deps.settings),
-                                     deps.public_url, deps.router.routes])
-                    nursery.start_soon(_send_health, link, deps.state, ended)
+                    await link.send(SettingsFrame(deps.settings, deps.public_url,
+                                                  deps.router.routes))
+                    nursery.start_soon(_send_health, link, deps.state, link_ended)
                     async for frame in link.frames():
-                        await served.dispatch(frame)
+                        await server.dispatch(frame)
                 except (LinkBroken, trio.BrokenResourceError) as error:
                     log.error("link_broken", worker=worker, error=str(error))
-                ended.set()
+                link_ended.set()
 
 
 @dataclasses.dataclass
@@ -250,7 +299,7 @@ class _LinkServer:
 
     link: Link
     journal: JournalClient
-    acks: trio.MemorySendChannel[Waiting]
+    acks_due: trio.MemorySendChannel[AcksDue]
     deps: FrontDeps
     relays: trio.Nursery
     ready: trio.Event
@@ -258,69 +307,70 @@ class _LinkServer:
         default_factory=lambda: trio.Semaphore(RELAY_CONCURRENCY))
     reported: dict[TallyKey, float] = dataclasses.field(default_factory=dict)
 
-    async def dispatch(self, frame: Frame) -> None:
-        """Act on one frame; a frame of the wrong shape breaks the link (LinkBroken)."""
+    async def dispatch(self, frame: RawFrame) -> None:
+        """Act on one frame. One that is not a frame the main process reads breaks the link
+        (LinkBroken); once decoded, an error in acting on it is ours and is raised as is."""
+        match decode_to_main(frame):
+            case EventsFrame(events):
+                await self.acks_due.send(await _enqueue_all(self.journal, events))
+            case RequestFrame(ident, scope, body):
+                await self.relaying.acquire()  # a front asking too much waits here, not in memory
+                self.relays.start_soon(_answer_relayed, self.link, self.deps.router, ident,
+                                       scope, body, self.relaying)
+            case TallyFrame(totals):
+                self._add_tally(totals)
+            case ReadyFrame():
+                self.ready.set()
+            case unexpected:
+                assert_never(unexpected)
+
+    def _add_tally(self, totals: list[list[Any]]) -> None:
         try:
-            await self._dispatch(frame)
-        except (KeyError, IndexError, TypeError, ValueError) as error:
-            raise LinkBroken(f"a malformed {frame[0]!r} frame: {error!r}") from error
-
-    async def _dispatch(self, frame: Frame) -> None:
-        if frame[0] == "events":
-            await self.acks.send(await _hand_over(self.journal, frame[1]))
-        elif frame[0] == "request":
-            ident, scope, body = frame[1], scope_from_wire(frame[2]), to_bytes(frame[3])
-            await self.relaying.acquire()  # a front asking too much waits here, not in memory
-            self.relays.start_soon(_relay, self.link, self.deps.router, ident, scope, body,
-                                   self.relaying)
-        elif frame[0] == "tally":
-            self.deps.metrics.add_tally(frame[1], self.reported)
-        elif frame[0] == "ready":
-            self.ready.set()
+            self.deps.metrics.add_tally(totals, self.reported)
+        except TallyRefused as refused:  # only Metrics knows its counters and labels
+            raise LinkBroken(f"a 'tally' frame naming no counter of ours: {refused}") from None
 
 
-async def _hand_over(journal: JournalClient, items: Sequence[list[Any]]) -> Waiting:
+async def _enqueue_all(journal: JournalClient, events: list[tuple[int, Event]]) -> AcksDue:
     """Give each event to the journal; the replies to wait on, by the front's ids. A full
     intake holds the front back here."""
-    return [(ident, await journal.enqueue(event))
-            for ident, event in map(event_from_wire, items)]
+    return [(ident, await journal.enqueue(event)) for ident, event in events]
 
 
-async def _send_health(link: Link, state: ServerState, ended: trio.Event) -> None:
+async def _send_health(link: Link, state: ServerState, link_ended: trio.Event) -> None:
     """Tell the front whether the store commits: at once if it does not (a front assumes
     it does), then at every change, until the link ends."""
     told: str | None = None
-    while not ended.is_set():
+    while not link_ended.is_set():
         changed = state.store_changed  # before reading: a change while sending is not missed
         if state.store_problem != told:
             told = state.store_problem
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await link.send(health_frame(told))
-        await _either(changed, ended)
+                await link.send(HealthFrame(told))
+        await _either(changed, link_ended)
 
 
-async def _send_acks(link: Link, batches: trio.MemoryReceiveChannel[Waiting]) -> None:
+async def _send_acks(link: Link, acks_due: trio.MemoryReceiveChannel[AcksDue]) -> None:
     """Answer each batch once the journal has; keep consuming after the front has gone
     (its events are committed all the same)."""
     gone = False
-    with batches:
-        async for waiting in batches:
-            wire = [ack_to_wire(ident, await reply.wait()) for ident, reply in waiting]
+    with acks_due:
+        async for due in acks_due:
+            acks = AcksFrame([(ident, await reply.wait()) for ident, reply in due])
             if not gone:
                 try:
-                    await link.send(["acks", wire])
+                    await link.send(acks)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     gone = True
 
 
-async def _relay(link: Link, app: ASGIFramework, ident: int, scope: HTTPScope, body: bytes,
-                 relaying: trio.Semaphore) -> None:
+async def _answer_relayed(link: Link, app: ASGIFramework, ident: int, scope: HTTPScope,
+                          body: bytes, relaying: trio.Semaphore) -> None:
     """Answer one relayed request, then give back its place (taken by `dispatch`)."""
     try:
-        status, headers, answer = await call_asgi(app, scope, body)
+        answer = await call_asgi(app, scope, body)
     finally:
         relaying.release()
     # If the front has gone, so has the client it asked for.
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await link.send(["response", ident, status,
-                         [[to_text(k), to_text(v)] for k, v in headers], to_text(answer)])
+        await link.send(ResponseFrame(ident, answer))
