@@ -1,18 +1,25 @@
 """Shared fixtures: a real daemon (in-process or as a child process) on 127.0.0.1:0 with a
-real SQLite file, spoken to over real HTTP, and signed callbacks as Twilio makes them."""
+real SQLite file, spoken to over real HTTP, and signed callbacks as Twilio makes them.
+
+And one rule for every async test: its body runs inside `trio.fail_after(TEST_DEADLINE)`
+(or the seconds of its `@pytest.mark.deadline(...)`), and the whole of it, fixtures
+included, inside that plus FIXTURES_ALLOWANCE, so a test that hangs fails with TooSlowError
+instead of hanging the suite (`pytest_runtest_call` and `pytest_collection_modifyitems`
+below; tests/test_conftest.py proves it)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -28,6 +35,96 @@ API_TOKEN = "test-api-token"
 ACCOUNT_SID = "AC" + "1" * 32
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
+# Seconds any async test's body may run: about ten times the slowest test's wall time on a
+# loaded two-core machine. On a test's virtual clock (`autojump_clock`) the bound is virtual
+# too. A test that needs longer says so, and why, with `@pytest.mark.deadline(seconds)`.
+TEST_DEADLINE = 120.0
+# And its fixtures' setup and teardown (a daemon that never reports ready) get this much
+# more: the whole `trio.run` of a test is bounded by its deadline plus this.
+FIXTURES_ALLOWANCE = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "deadline(seconds): bound this async test's body by trio.fail_after(seconds) "
+        "instead of conftest.TEST_DEADLINE")
+
+
+def deadline_of(item: pytest.Item) -> float:
+    """The bound of `item`'s body: its closest `deadline` marker's, else TEST_DEADLINE."""
+    marker = item.get_closest_marker("deadline")
+    if marker is None:
+        return TEST_DEADLINE
+    (seconds,) = marker.args
+    return float(seconds)
+
+
+def bounded(test: Callable[..., Awaitable[object]], seconds: float
+            ) -> Callable[..., Awaitable[object]]:
+    """`test`, its body inside `trio.fail_after(seconds)`. Same name and signature, so
+    pytest-trio resolves the same fixtures and passes the same clock."""
+
+    @wraps(test)
+    async def run_bounded(**kwargs: object) -> object:
+        try:
+            with trio.fail_after(seconds) as scope:
+                return await test(**kwargs)
+        except trio.TooSlowError as too_slow:
+            if scope.cancelled_caught:  # this bound fired, not a fail_after of the test's own
+                too_slow.add_note(f"{test.__name__} ran past its deadline of {seconds:g} s "
+                                  "(conftest.TEST_DEADLINE, or its @pytest.mark.deadline)")
+            raise
+
+    return run_bounded
+
+
+def run_within(main_: Callable[[], Awaitable[object]], *, seconds: float,
+               **trio_run: object) -> object:
+    """`trio.run` for pytest-trio, everything it runs (the fixtures' setup, the bounded
+    body, the fixtures' teardown) inside `trio.fail_after(seconds)`."""
+
+    async def within() -> object:
+        try:
+            with trio.fail_after(seconds) as scope:
+                return await main_()
+        except trio.TooSlowError as too_slow:
+            if scope.cancelled_caught:
+                too_slow.add_note(f"the test and its fixtures ran past {seconds:g} s: its "
+                                  "deadline plus conftest.FIXTURES_ALLOWANCE")
+            raise
+
+    return trio.run(within, **trio_run)  # type: ignore[arg-type]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-trio's trio_mode has marked the async tests
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run every async test (a `trio` marker) by `run_within`, with its fixtures' allowance:
+    pytest-trio takes the first `trio` marker's `run`, so this one goes first."""
+    for item in items:
+        if item.get_closest_marker("trio") is not None:
+            seconds = deadline_of(item) + FIXTURES_ALLOWANCE
+            item.add_marker(pytest.mark.trio(run=partial(run_within, seconds=seconds)),
+                            append=False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    """Bound every async test's body, parametrized or not, by its deadline. Runs before
+    pytest-trio's own hook, which then runs the bounded function as it would the test: its
+    fixtures, its clock. A Hypothesis test is bounded per example (its inner test, which
+    pytest-trio runs by plain `trio.run`: no fixtures' bound there). The original is put
+    back afterwards, for the next parametrization of the same function."""
+    hypothesis = getattr(getattr(item, "obj", None), "hypothesis", None)
+    holder, name = (hypothesis, "inner_test") if hypothesis is not None else (item, "obj")
+    test = getattr(holder, name, None)
+    if item.get_closest_marker("trio") is None or not inspect.iscoroutinefunction(test):
+        return (yield)
+    setattr(holder, name, bounded(test, deadline_of(item)))
+    try:
+        return (yield)
+    finally:
+        setattr(holder, name, test)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _json_logs() -> None:
@@ -40,7 +137,8 @@ def new_sid() -> str:
 
 
 def callback_params(sid: str, status: str, **extra: str) -> dict[str, str]:
-    """The form fields Twilio posts to a StatusCallback (TWILIO.md §2)."""
+    """The form fields Twilio posts to a StatusCallback (docs/twilio.md, "Status callback
+    parameters")."""
     return {"MessageSid": sid, "SmsSid": sid, "MessageStatus": status, "SmsStatus": status,
             "AccountSid": ACCOUNT_SID, "From": "+15005550006", "To": "+15558675310",
             "ApiVersion": "2010-04-01", **extra}

@@ -14,7 +14,7 @@ import trio
 
 from .conftest import ChildDaemon, callback_params, new_sid, signed, wait_until
 from .test_durability import front_pids
-from .test_early_answers import connect, daemon, descriptors, read_head
+from .test_early_answers import all_alive, connect, daemon, descriptors, read_head
 
 CLIENTS = 200  # connections, each with one request, closed by the client after its answer
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -52,3 +52,4 @@ async def test_descriptors_return_within_a_second_of_their_clients(tmp_path: Pat
                     await one_request_then_close(child, request(child))
             with trio.fail_after(1):
                 await wait_until(lambda: descriptors(pids) <= before)
+            assert all_alive(pids)

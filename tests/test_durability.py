@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
+import h11
 import httpx
 import trio
-import trio.testing
 
 from msgledger import store
 
@@ -26,6 +26,7 @@ from .conftest import (
     AUTH_TOKEN,
     FORM,
     ChildDaemon,
+    Ledger,
     callback_params,
     child_env,
     daemon_environ,
@@ -159,7 +160,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path: Path, workers: str) -> No
     assert set(sids) <= journaled_sids(db)
     events = [line["event"] for line in child.lines]
     assert events.index("drain_started") < events.index("journal_closed")
-    assert events.count("front_stopped") == len(front_pids(child))
+    assert events.count("front_stopped") == len(front_pids(child)) == fronts(workers)
     assert events[-1] == "daemon_stopped"
     assert not any(alive(pid) for pid in front_pids(child))
     logged = json.dumps(child.lines)
@@ -268,28 +269,91 @@ async def test_journal_too_slow_answers_503(tmp_path: Path) -> None:
     assert fine.status_code == 200
 
 
+NO_ANSWER = 0  # the connection ended with no final response
+
+
+async def post_taken_in(ledger: Ledger, sid: str, taken_in: Callable[[], None]) -> int:
+    """POST a signed callback over HTTP/1.1 with `Expect: 100-continue`, body and all, and
+    call `taken_in` when the daemon answers 100 Continue: hypercorn answers it only once the
+    request is a stream of its own, handed to the app, its connection no longer idle, so
+    from then on a drain counts it as in flight. The final status, or NO_ANSWER."""
+    params = callback_params(sid, "delivered")
+    body = urlencode(params).encode()
+    host, port = ledger.url.removeprefix("http://").rsplit(":", 1)
+    headers = [("Host", f"{host}:{port}"), *signed(ledger.public_url + "/twilio/status",
+                                                  params).items(),
+               ("Content-Length", str(len(body))), ("Expect", "100-continue")]
+    client = h11.Connection(h11.CLIENT)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(
+            client.send(h11.Request(method="POST", target="/twilio/status", headers=headers))
+            + client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+        while True:
+            try:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                    continue
+            except (h11.RemoteProtocolError, trio.BrokenResourceError):
+                return NO_ANSWER
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 100:
+                taken_in()
+            elif isinstance(event, h11.Response):
+                return event.status_code
+            elif isinstance(event, h11.ConnectionClosed):
+                return NO_ANSWER
+
+
+async def until_refused(url: str) -> None:
+    """Poll until a new connection to `url` is refused: the daemon's listener is closed,
+    which hypercorn does as the drain starts. Callers bound the wait with `fail_after`."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(host, int(port))
+        except OSError:
+            return
+        await stream.aclose()
+        await trio.sleep(0.01)
+
+
 async def test_drain_finishes_in_flight_callbacks(tmp_path: Path) -> None:
     """Callbacks already in flight when the drain starts are still journaled and answered
-    200 before the daemon stops; the journal closes only after them."""
+    200 before the daemon stops; the journal closes only after them.
+
+    Synchronised on what the daemon shows, not on the scheduler going quiet (which said
+    nothing about whether the requests had reached the daemon, nor the drain begun): the
+    drain starts once the daemon has answered 100 Continue to all ten (each is in flight);
+    the store is released once the listener refuses connections (the drain is under way),
+    with all ten still unanswered, waiting for the journal."""
     db = tmp_path / "drain.db"
     sids = [new_sid() for _ in range(10)]
     codes: list[int] = []
+    taken_in: list[str] = []
+    all_taken_in = trio.Event()
     with trio.fail_after(30):
         async with open_ledger(daemon_environ(db)) as ledger:
 
             async def post(sid: str) -> None:
-                codes.append((await ledger.post_status(callback_params(sid, "delivered")))
-                             .status_code)
+
+                def in_flight() -> None:
+                    taken_in.append(sid)
+                    if len(taken_in) == len(sids):
+                        all_taken_in.set()
+
+                codes.append(await post_taken_in(ledger, sid, in_flight))
 
             blocker = sqlite3.connect(db, isolation_level=None)
             blocker.execute("BEGIN IMMEDIATE")  # commits wait: the callbacks stay in flight
             async with trio.open_nursery() as nursery:
                 for sid in sids:
                     nursery.start_soon(post, sid)
-                await trio.testing.wait_all_tasks_blocked(0.05)
+                await all_taken_in.wait()
                 ledger.stop.set()  # drain starts while all ten wait for the journal
-                await trio.testing.wait_all_tasks_blocked(0.05)
+                await until_refused(ledger.url)
+                assert codes == []  # none answered yet: the journal still waits on the store
                 blocker.execute("COMMIT")
                 blocker.close()
+    assert sorted(taken_in) == sorted(sids)
     assert codes == [200] * len(sids)
     assert set(sids) <= journaled_sids(db)

@@ -46,7 +46,14 @@ async def daemon(tmp_path: Path, workers: str) -> AsyncIterator[ChildDaemon]:
             yield child
         finally:
             child.process.send_signal(signal.SIGTERM)
-            await child.process.wait()
+            code = await child.process.wait()
+    assert code == 0  # stopped cleanly: no process crashed along the way
+
+
+def all_alive(pids: list[int]) -> bool:
+    """Every one of `pids` still runs: a front that died and was replaced takes its
+    descriptors with it, which would pass a count for the wrong reason."""
+    return all(alive(pid) for pid in pids)
 
 
 async def connect(child: ChildDaemon) -> trio.SocketStream:
@@ -114,3 +121,4 @@ async def test_no_descriptor_outlives_an_early_answered_client(tmp_path: Path,
                 await stream.aclose()
         with trio.fail_after(10):  # READ_TIMEOUT is 60 s: only a prompt close gets here
             await wait_until(lambda: descriptors(pids) <= before)
+        assert all_alive(pids)

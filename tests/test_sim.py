@@ -473,6 +473,7 @@ async def test_5xx_is_retried_only_when_the_fragment_asks(receiver: Receiver) ->
     assert all(c.signature_valid and c.url == url for c in receiver.received)
 
 
+@pytest.mark.deadline(3600)  # virtual seconds: ~160 pass, steps of up to 60 s
 async def test_callback_knobs_lose_duplicate_and_reorder(autojump_clock: trio.abc.Clock) -> None:
     """On virtual time, loss, duplication and reordering all happen, and the counters add up."""
     knobs = replace(
@@ -502,6 +503,7 @@ async def test_callback_knobs_lose_duplicate_and_reorder(autojump_clock: trio.ab
     assert sim.stats.callbacks_sent == len(delivered) == sim.stats.callbacks_delivered
 
 
+@pytest.mark.deadline(3600)  # virtual seconds: ~160 pass, steps of up to 60 s
 async def test_without_knobs_every_callback_arrives_once_in_order(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -512,7 +514,9 @@ async def test_without_knobs_every_callback_arrives_once_in_order(
         async with open_simulator(knobs, base_url="http://sim", deliver=recorder(delivered)) as sim:
             spawn(sim, 100, status_callback="http://cb")
             await sim.wait_idle()
-    for sid, statuses in statuses_by_sid(delivered).items():
+    by_sid = statuses_by_sid(delivered)
+    assert by_sid.keys() == sim.messages.keys() and len(by_sid) == 100  # each called back
+    for sid, statuses in by_sid.items():
         assert statuses == expected_statuses(sim.messages[sid].status)
     assert len(delivered) == sim.stats.callbacks_sent == sim.stats.callbacks_delivered
 
