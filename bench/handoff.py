@@ -9,7 +9,7 @@ SQLite and no HTTP: what is left is the cost of the handoff itself, measured as 
 process's CPU time per event. The variants, in the order msgledger went through them:
 
 - `channel+scope`: a one-slot memory channel pair per event, awaited inside
-  `trio.move_on_after` (STYLE.md's letter);
+  `trio.move_on_after` (the textbook Trio shape);
 - `reply+scope`:   `events.Reply`, a bare future, inside `trio.move_on_after`
   (`JournalClient.journal_shielded`, the sender's way);
 - `reply+deadlines`: `events.Reply` bounded by `deadlines.AckDeadlines`, one timer for all

@@ -265,7 +265,8 @@ def test_status_counts(capsys: pytest.CaptureFixture[str], config: str) -> None:
 def test_status_reports_the_overdue_backlog(capsys: pytest.CaptureFixture[str], config: str,
                                            db: Path) -> None:
     """`status` counts messages still not final `overdue_after` after they were sent, gives
-    the oldest one's age, and has a place for the last reconcile (DESIGN.md CLI)."""
+    the oldest one's age, and has a place for the last reconcile (docs/design.md, "CLI
+    commands and exit codes")."""
     writer = store.JournalWriter.open(str(db))
     writer.append([callback("SM" + "4" * 32, "sent", at(4)),  # long overdue
                    callback("SM" + "5" * 32, "queued", utc_now())])  # sent just now

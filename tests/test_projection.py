@@ -1,4 +1,4 @@
-"""The projection's fold (DESIGN.md §3): the status never goes backwards, whatever the order.
+"""The fold (docs/design.md, "Status rules"): the status never goes backwards, in any order.
 
 The pure rules are tested as properties over every status Twilio sends, msgledger's own local
 statuses and statuses nobody has heard of; the same rules are then checked through a real
@@ -29,9 +29,10 @@ TWILIO = ["accepted", "scheduled", "queued", "sending", "sent", "delivered", "un
 LOCAL = ["requested", "outcome_unknown", "rejected"]
 UNKNOWN = ["partially_delivered", "weird"]
 TERMINAL = {"delivered", "undelivered", "failed", "canceled"}
-# The test's own statement of the order (lowest first), written from DESIGN.md §3 plus the
-# projection's documented tie-breaks: unknown < local < accepted/scheduled < queued < sending
-# < sent < delivered/undelivered/failed/canceled < read; within a rank the order is fixed.
+# The test's own statement of the order (lowest first), written from docs/design.md,
+# "Status rules", plus the projection's documented tie-breaks: unknown < local <
+# accepted/scheduled < queued < sending < sent < delivered/undelivered/failed/canceled <
+# read; within a rank the order is fixed.
 ORDER = [*sorted(UNKNOWN), "requested", "outcome_unknown", "rejected", "scheduled", "accepted",
          "queued", "sending", "sent", "canceled", "failed", "undelivered", "delivered", "read"]
 ERROR_CODE = {status: f"3{i:04d}" for i, status in enumerate(ORDER)}  # one code per status

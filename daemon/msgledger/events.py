@@ -67,7 +67,7 @@ class Reply:
     """The journal's one answer to one producer: a future for the event's sequence number.
 
     A one-slot reply channel, made lean: a memory channel pair per event cost the event
-    loop more than twice this future's CPU per handoff (bench/README.md, "handoff"). The
+    loop far more CPU per handoff than this future (bench/README.md, "handoff"). The
     journal answers from the Trio thread; a producer that gave up waiting is simply not
     woken, and its event is kept all the same.
     """

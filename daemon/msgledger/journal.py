@@ -106,7 +106,7 @@ def _append_one(writer: JournalWriter, submission: Submission) -> Ack:
 
 def _store_failed(error: sqlite3.OperationalError | StoreLost, events: int) -> StoreFailing:
     """A store that cannot commit: the batch fails as it is, and the log says why. A lost
-    store is logged once: every batch after it fails the same way, 1,000 a second at load
+    store is logged once: every batch after it fails the same way, many a second under load
     (`writer.refused_batches` counts them)."""
     if isinstance(error, StoreLost):
         if error.first:

@@ -50,7 +50,8 @@ def configure(level: str = "info") -> None:
     numeric = _LEVELS[level]
     sys.stdout.flush()  # our lines go to its byte buffer below; nothing may overtake them
     structlog.configure(
-        # orjson renders a line in a third less time than json: this runs once per callback.
+        # orjson renders a line faster than json (bench/README.md, "Measured once"): this
+        # runs once per callback.
         processors=[*_SHARED, structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer(serializer=_dumps)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -101,7 +101,8 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
 def _ready(settings: Settings, state: ServerState, url: str, admin_url: str | None) -> None:
     state.public_url = state.public_url or url
     # Everything built so far lives as long as the process: keep the cyclic GC's full
-    # collections from rescanning it, which would stall the loop for tens of ms.
+    # collections from rescanning it, which stalls the loop (bench/README.md, "Measured
+    # once").
     gc.freeze()
     state.ready = True
     systemd.notify("READY=1")

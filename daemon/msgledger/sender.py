@@ -24,9 +24,10 @@ from .twilio_api import Accepted, CreateOutcome, Rejected, TwilioApi, Unknown
 
 log = get_logger("msgledger.sender")
 
-# Twilio's connection overrides (TWILIO.md §1.5) on every StatusCallback we set: by default
-# Twilio retries a callback once and only when the connection failed, so a 503 (journal not
-# durable) or a read timeout would lose that callback for good. Not part of the signed URL.
+# Twilio's connection overrides on every StatusCallback we set (docs/twilio.md, "Callback
+# retries"): by default Twilio retries a callback once and only when the connection failed,
+# so a 503 (journal not durable) or a read timeout would lose that callback for good. Not
+# part of the signed URL.
 CALLBACK_OVERRIDES = "rc=3&rp=ct,rt,5xx"
 
 

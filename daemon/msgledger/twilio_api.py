@@ -86,7 +86,7 @@ class TwilioApi:
         if client is None:
             http = TwilioHttpClient(timeout=self._config.timeout)
             # A non-empty environment keeps TWILIO_EDGE/TWILIO_REGION from rewriting the
-            # host (TWILIO.md §4.2).
+            # host (docs/twilio.md, "Pointing the twilio client at the simulator").
             client = Client(self._config.account_sid, self._config.auth_token,
                             http_client=http, environment={"MSGLEDGER": "1"})
             client.api.base_url = self._config.base_url

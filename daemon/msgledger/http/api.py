@@ -231,7 +231,7 @@ async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> Ap
 def _bearer(token: str | None) -> Callable[[F], F]:
     """A decorator answering 401 unless `Authorization: Bearer <token>` matches.
 
-    Without a configured token every /v1 request is refused (DESIGN.md).
+    Without a configured token every /v1 request is refused (docs/design.md, "Routes").
     """
     expected = f"Bearer {token}".encode() if token else None
 

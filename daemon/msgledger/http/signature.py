@@ -1,4 +1,4 @@
-"""X-Twilio-Signature checks through twilio's own `RequestValidator` (TWILIO.md §3).
+"""X-Twilio-Signature checks with twilio's own `RequestValidator` (docs/twilio.md, "Signatures").
 
 Like `RequestValidator.validate`, a signature is accepted over the URL without its port or
 with it (Twilio's back end has signed both ways), but the two forms are tried in turn and

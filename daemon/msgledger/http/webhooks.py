@@ -1,8 +1,9 @@
 """The webhook receiver: `POST /twilio/status` and `POST /twilio/debugger`.
 
-A lean ASGI path in front of Quart, because this is the hot route: Quart's request object
-and form parsing cost about a third of each request (DESIGN.md figures), `parse_qsl` does
-the same work in a fraction of it. The order of checks is the contract:
+A lean ASGI path in front of Quart, because this is the hot route and Quart's request
+object and form parsing were a large share of its cost, which `parse_qsl` does in a
+fraction (docs/design.md, "Why the webhook path bypasses Quart"). The order of checks is
+the contract:
 size (413) -> content type (415) -> signature (403, nothing journaled) -> required fields
 (400) -> journal -> 200 only once the event is committed, 503 if not within `ack_timeout`.
 Anything else that goes wrong is answered 500, counted and logged (`callback_failed`), like

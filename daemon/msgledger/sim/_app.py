@@ -1,6 +1,6 @@
 """The Messages API over HTTP: Basic auth, the fault knobs, routing, and Twilio's JSON.
 
-Routes (TWILIO.md §4.1), all under /2010-04-01/Accounts/{AccountSid}:
+Routes (docs/twilio.md, "The Messages API"), all under /2010-04-01/Accounts/{AccountSid}:
 POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch).
 """
 

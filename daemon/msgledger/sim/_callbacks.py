@@ -1,9 +1,10 @@
 """Signed status callbacks: their form parameters, signature, and delivery over HTTP.
 
-Delivery follows Twilio's connection overrides (TWILIO.md §1.5): the `#ct=…&rt=…&tt=…&rc=…&rp=…`
-fragment of the callback URL tunes timeouts and retries, and is stripped before the request is
-sent and signed. With no fragment: one retry, on connection failure only. Retries and
-duplicates of one callback carry the same `I-Twilio-Idempotency-Token`.
+Delivery follows Twilio's connection overrides (docs/twilio.md, "Callback retries"): the
+`#ct=…&rt=…&tt=…&rc=…&rp=…` fragment of the callback URL tunes timeouts and retries, and is
+stripped before the request is sent and signed. With no fragment: one retry, on connection
+failure only. Retries and duplicates of one callback carry the same
+`I-Twilio-Idempotency-Token`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from ._wire import API_VERSION
 
 CLOSE_TIMEOUT = 2.0  # seconds to close pooled connections on shutdown before giving up
 # Concurrent callback POSTs. httpcore's pool does work per queued request on every change, so
-# 1000 callbacks queued in it ran about twice as slow per request as the same 1000 queued on a
-# semaphore in front of it; 16 keeps busy a receiver that takes a few ms (a group commit).
+# callbacks queued in it ran slower than the same queued on a semaphore in front of it
+# (bench/README.md, "Measured once"); 16 keeps busy a receiver that takes a few ms (a group
+# commit).
 MAX_IN_FLIGHT = 16
 _RECEIPT_STATUSES = ("delivered", "undelivered")
 
@@ -89,7 +91,8 @@ def _millis(value: str | None, low: float, high: float, default: float) -> float
 
 
 def callback_params(message: SimMessage) -> dict[str, str]:
-    """The form parameters of a status callback for the message's current status (TWILIO.md §2)."""
+    """The form parameters of a status callback for the message's current status
+    (docs/twilio.md, "Status callback parameters")."""
     params = {
         "MessageSid": message.sid,
         "SmsSid": message.sid,
@@ -114,7 +117,8 @@ def callback_params(message: SimMessage) -> dict[str, str]:
 
 
 def build_callback(message: SimMessage, url: str, auth_token: str, token: str) -> Callback:
-    """Sign the message's callback: the fragment is no part of the signed URL (TWILIO.md §1.5)."""
+    """Sign the message's callback: the fragment is no part of the signed URL
+    (docs/twilio.md, "Callback retries")."""
     params = callback_params(message)
     signed_url = url.partition("#")[0]
     signature = str(RequestValidator(auth_token).compute_signature(signed_url, params))

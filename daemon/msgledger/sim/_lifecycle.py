@@ -1,9 +1,10 @@
 """A message's life after create: the planned status steps, and its callbacks' fate.
 
 The whole plan is drawn when the message is created, so a seeded simulator replays the same
-outcomes. Steps (TWILIO.md §1.2): accepted -> queued (Messaging Service only), sending (no
-callback), then failed, or sent -> delivered | undelivered, or sent with no receipt ever;
-WhatsApp adds read after delivered. The initial status never gets a callback (§1.1).
+outcomes. Steps (docs/twilio.md, "Initial status and callbacks"): accepted -> queued
+(Messaging Service only), sending (no callback), then failed, or sent -> delivered |
+undelivered, or sent with no receipt ever; WhatsApp adds read after delivered. The initial
+status never gets a callback.
 """
 
 from __future__ import annotations

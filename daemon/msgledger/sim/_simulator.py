@@ -157,7 +157,8 @@ class Simulator:
         sent: datetime | None,
         error_code: int | None,
     ) -> SimMessage:
-        # Messaging Service sends count no segments until they are queued (TWILIO.md §4.1).
+        # Messaging Service sends count no segments until they are queued
+        # (docs/twilio.md, "Create").
         segments = "0" if status == "accepted" else count_segments(body)
         return self._store.put(
             SimMessage(

@@ -43,7 +43,8 @@ def message_uri(account_sid: str, sid: str) -> str:
 
 
 def redact(number: str) -> str:
-    """Phone-number redaction: the last four digits become XXXX (TWILIO.md §4.4)."""
+    """Phone-number redaction: the last four digits become XXXX
+    (docs/twilio.md, "Phone-number redaction")."""
     return number[:-4] + "XXXX" if number[-4:].isdigit() else number
 
 

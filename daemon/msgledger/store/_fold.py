@@ -1,4 +1,4 @@
-"""The rules that turn a message's events into its current state (DESIGN.md §3).
+"""The rules that turn a message's events into its current state (docs/design.md, "Status rules").
 
 A pure fold: `apply(state, event)` never looks at anything but its arguments, so the
 stored projection can always be rebuilt by replaying the journal, and the rules can be
@@ -15,7 +15,8 @@ from typing import Any
 
 from ..events import Event
 
-# Twilio's lifecycle ranks (TWILIO.md §1). A late lower status is journaled, never applied.
+# Twilio's lifecycle ranks (docs/twilio.md, "How msgledger ranks statuses"). A late lower
+# status is journaled, never applied.
 RANK: dict[str, int] = {
     "accepted": 1, "scheduled": 1,
     "queued": 2,

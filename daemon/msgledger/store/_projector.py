@@ -8,8 +8,7 @@ It folds a whole batch in memory (one lookup per message, however many of its ev
 batch holds) and writes the batch's changes with a few multi-row statements at the end.
 States live only for their batch: a longer-lived cache was tried and measured worse, since
 thousands of long-lived objects make the cyclic GC's full collections both more frequent
-and longer, and those pauses stall the event loop (paced p99 went from about 30 ms to over
-100 ms in `bench/ingest.py`).
+and longer, and those pauses stall the event loop (bench/README.md, "Measured once").
 """
 
 from __future__ import annotations
