@@ -99,7 +99,9 @@ def free_port() -> int:
 
 def _base_env(preload: Path | None, delay_us: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(BENCH_DIR)
+    # A PYTHONPATH given to the bench goes first: a worktree's daemon/ benches an old commit.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
+                                                      str(BENCH_DIR)]))
     env.pop("LD_PRELOAD", None)
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
