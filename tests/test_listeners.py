@@ -5,6 +5,7 @@ HTTP."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -259,3 +260,17 @@ async def test_the_admin_listener_writes_access_lines(tmp_path: Path) -> None:
     access = [(line["path"], line["http_status"]) for line in child.lines
               if line["event"] == "http_access"]
     assert access == [("/v1/messages", 401), ("/twilio/status", 404)]
+
+
+def test_a_listener_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    """An admin socket in a directory that does not exist: exit 4, one start_failed line
+    naming the address that could not be listened on."""
+    where = tmp_path / "nowhere" / "admin.sock"
+    result = subprocess.run([sys.executable, "-m", "msgledger", "run"],
+                            env={**child_env(tmp_path / "named.db"),
+                                 "MSGLEDGER_HTTP_ADMIN_LISTEN": str(where)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4, result.stderr
+    failed = [line for line in map(json.loads, result.stdout.splitlines())
+              if line["event"] == "start_failed"]
+    assert len(failed) == 1 and f"cannot listen on {where}" in failed[0]["error"]

@@ -99,10 +99,15 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
-    except OSError:
+    except OSError as error:
         sock.close()
-        raise
+        raise _cannot_listen(f"{host}:{port}", error) from None
     return sock
+
+
+def _cannot_listen(address: str, error: OSError) -> OSError:
+    """`error`, naming the address: start_failed's line then says which listener failed."""
+    return OSError(error.errno, f"cannot listen on {address}: {error.strerror}")
 
 
 def bind_admin(address: str) -> socket.socket:
@@ -116,9 +121,9 @@ def bind_admin(address: str) -> socket.socket:
     try:
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
-    except OSError:
+    except OSError as error:
         sock.close()
-        raise
+        raise _cannot_listen(address, error) from None
     return sock
 
 

@@ -143,7 +143,11 @@ def parse_admin_listen(raw: object) -> str:
         if "\0" in text:
             raise ValueError("expected a socket path, got a NUL character")
         return text
-    host, port = parse_listen(text)
+    try:
+        host, port = parse_listen(text)
+    except ValueError:
+        raise ValueError(f"expected host:port or the absolute path of a unix socket,"
+                         f" got {raw!r}") from None
     return f"{host}:{port}"
 
 
@@ -156,9 +160,9 @@ def parse_cidrs(raw: object) -> tuple[str, ...]:
     for item in items:
         try:
             networks.append(str(ipaddress.ip_network(str(item).strip())))
-        except ValueError:
+        except ValueError as error:  # "has host bits set" says which address was meant
             raise ValueError(f"expected CIDRs such as 10.0.0.0/8 or ::1/128, got {item!r}"
-                             ) from None
+                             f" ({error})") from None
     return tuple(networks)
 
 
