@@ -189,6 +189,43 @@ async def test_5xx_is_unknown_and_never_retried(tmp_path: Path) -> None:
     assert len(requests_seen) == 1
 
 
+def _problem_twilio(status: int) -> Any:
+    """A Twilio that answers every request with an RFC 9457 problem body (the twilio
+    library then raises TwilioServiceException, not TwilioRestException)."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] == "http":
+            body = (b'{"type": "https://www.twilio.com/docs/errors/21211", "title": "Invalid'
+                    b' To", "status": %d, "code": 21211, "detail": "not a number"}' % status)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/problem+json")]})
+            await send({"type": "http.response.body", "body": body})
+    return app
+
+
+async def test_an_rfc9457_refusal_is_recorded_like_any_other(tmp_path: Path) -> None:
+    """twilio >= 9.11 raises TwilioServiceException for a problem-details body: a 400 is
+    still a rejected send (422), a 503 an unknown one (202), never a 500 of ours."""
+    answers = []
+    for status in (400, 503):
+        (tmp_path / str(status)).mkdir()
+        config = Config()
+        config.bind = ["127.0.0.1:0"]
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                [bound] = await nursery.start(partial(serve, _problem_twilio(status), config))
+                async with sim_and_ledger(tmp_path / str(status), api_base_url=bound) as (
+                        _, ledger):
+                    response = await send(ledger, ref=f"problem-{status}")
+                    record = (await ledger.record(f"problem-{status}")).json()
+                nursery.cancel_scope.cancel()
+        answers.append((response.status_code, record["status"], record["error_code"]))
+    assert answers == [(422, "rejected", "21211"), (202, "outcome_unknown", None)]
+
+
 async def test_bad_send_requests_are_400_and_send_nothing(tmp_path: Path) -> None:
     """Malformed or incomplete requests name the bad field; nothing is sent or journaled."""
     bad = [

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import requests
 import trio
 import urllib3
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
@@ -116,11 +116,9 @@ class TwilioApi:
         try:
             message = await self._call(lambda c: c.messages.create(**params))
         except TwilioRestException as e:
-            if e.status == 429:
-                return _Retry(Rejected(429, e.code, f"rate limited {MAX_ATTEMPTS} times: {e.msg}"))
-            if e.status >= 500:
-                return Unknown(f"HTTP {e.status} from Twilio: {e.msg}")
-            return Rejected(e.status, e.code, str(e.msg))
+            return _refusal(e.status, e.code, str(e.msg))
+        except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
+            return _refusal(e.status, e.code, str(e.detail or e.title))
         except requests.exceptions.ConnectionError as e:
             if isinstance(e, requests.exceptions.ConnectTimeout) or _never_connected(e):
                 return _Retry(Rejected(None, None, f"Twilio unreachable: {e}"))
@@ -128,6 +126,16 @@ class TwilioApi:
         except requests.exceptions.RequestException as e:
             return Unknown(f"{type(e).__name__}: {e}")
         return Accepted(message.sid, message.status, _resource(message))
+
+
+def _refusal(status: int, code: int | None, message: str) -> CreateOutcome | _Retry:
+    """What an HTTP error from Twilio means for a create: a 429 was not processed (retry),
+    a 5xx may have been (unknown), any other status refused it."""
+    if status == 429:
+        return _Retry(Rejected(429, code, f"rate limited {MAX_ATTEMPTS} times: {message}"))
+    if status >= 500:
+        return Unknown(f"HTTP {status} from Twilio: {message}")
+    return Rejected(status, code, message)
 
 
 @dataclass(frozen=True)
