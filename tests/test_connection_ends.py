@@ -7,6 +7,7 @@ The cause and its fix: docs/hypercorn.md, "A connection outlives its client".
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -53,3 +54,26 @@ async def test_descriptors_return_within_a_second_of_their_clients(tmp_path: Pat
             with trio.fail_after(1):
                 await wait_until(lambda: descriptors(pids) <= before)
             assert all_alive(pids)
+
+
+async def test_a_drain_answers_what_arrives_on_an_idle_connection(tmp_path: Path,
+                                                                  workers: str) -> None:
+    """A keep-alive connection idle when the drain starts (a proxy's pooled one) still
+    gets its next request answered, with `Connection: close`, so the proxy stops reusing it:
+    closing it at once raced that request, and the proxy answered Twilio 502."""
+    async with daemon(tmp_path, workers) as child:
+        stream = await connect(child)
+        with trio.fail_after(10):
+            await stream.send_all(signed_callback(child))
+            assert (await read_head(stream)).startswith(b"HTTP/1.1 200")
+        child.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):  # the drain has begun in every process holding the listener
+            await wait_until(lambda: sum(line["event"] == "drain_started"
+                                         for line in child.lines) >= 1 + len(front_pids(child)))
+        with trio.fail_after(10):
+            await stream.send_all(signed_callback(child))
+            answer = await read_head(stream)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"connection: close" in answer.lower()
+        await stream.aclose()
+        assert await child.process.wait() == 0

@@ -36,15 +36,17 @@ from .conftest import (
 )
 
 BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
-# What systemd does between fork and exec for a socket unit: the listener at descriptor 3,
-# and LISTEN_PID naming the process that will run msgledger (exec keeps the pid).
-ACTIVATE = ("import os, sys\n"
-            "fd = int(sys.argv[1])\n"
-            "os.dup2(fd, 3)\n"
-            "os.close(fd)\n"
-            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1',"
-            " LISTEN_FDNAMES='msgledger.socket')\n"
-            "os.execv(sys.argv[2], sys.argv[2:])\n")
+# What systemd does between fork and exec for socket units: the listeners at descriptors 3
+# and on, their names in LISTEN_FDNAMES, and LISTEN_PID naming the process that will run
+# msgledger (exec keeps the pid). Arguments: names ("public:admin"), fds ("7,8"), command.
+ACTIVATE = ("import fcntl, os, sys\n"
+            "fds = [int(fd) for fd in sys.argv[2].split(',')]\n"
+            "high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]\n"
+            "for fd in fds: os.close(fd)\n"
+            "for i, fd in enumerate(high): os.dup2(fd, 3 + i); os.close(fd)\n"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
+            " LISTEN_FDNAMES=sys.argv[1])\n"
+            "os.execv(sys.argv[3], sys.argv[3:])\n")
 STREAMS = 4  # clients posting callbacks at once, each a new connection per callback
 BEFORE, AFTER = 40, 40  # callbacks answered by the first process, then by the second
 
@@ -58,10 +60,11 @@ def held_listener() -> socket.socket:
 
 
 async def start_activated(nursery: trio.Nursery, env: dict[str, str],
-                          listener: socket.socket) -> ChildDaemon:
-    fd = listener.fileno()
-    return await start_child(nursery, env, launcher=[sys.executable, "-c", ACTIVATE, str(fd)],
-                             pass_fds=[fd])
+                          *listeners: socket.socket, names: str = "msgledger.socket"
+                          ) -> ChildDaemon:
+    fds = [listener.fileno() for listener in listeners]
+    launcher = [sys.executable, "-c", ACTIVATE, names, ",".join(map(str, fds))]
+    return await start_child(nursery, env, launcher=launcher, pass_fds=fds)
 
 
 @dataclass
@@ -274,3 +277,69 @@ def test_a_listener_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
     failed = [line for line in map(json.loads, result.stdout.splitlines())
               if line["event"] == "start_failed"]
     assert len(failed) == 1 and f"cannot listen on {where}" in failed[0]["error"]
+
+
+async def test_two_passed_sockets_serve_public_and_admin(tmp_path: Path, workers: str) -> None:
+    """msgledger.socket and msgledger-admin.socket (FileDescriptorName=admin): the public
+    one serves webhooks and answers 404 to /v1; the admin one serves /v1, and a forwarded
+    header there names no client (no proxy fronts it), trusted proxies or not."""
+    public, admin = held_listener(), held_listener()
+    env = child_env(tmp_path / "two.db", MSGLEDGER_HTTP_WORKERS=workers,
+                    MSGLEDGER_HTTP_ADMIN_LISTEN=f"127.0.0.1:{admin.getsockname()[1]}",
+                    MSGLEDGER_HTTP_TRUSTED_PROXIES="127.0.0.1/32")
+    forged = {**BEARER, "X-Forwarded-For": "198.51.100.66"}
+    with public, admin:
+        async with trio.open_nursery() as nursery:
+            child = await start_activated(nursery, env, public, admin, names="public:admin")
+            public_url = f"http://127.0.0.1:{public.getsockname()[1]}"
+            admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
+            assert child.ready["admin_url"] == admin_url
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(public_url + "/v1/messages", headers=BEARER)
+                        ).status_code == 404
+                assert (await client.get(admin_url + "/v1/messages", headers=forged)
+                        ).status_code == 200
+            await stop_child(child)
+    [line] = [line for line in child.lines
+              if line["event"] == "http_access" and line["path"] == "/v1/messages"
+              and line["http_status"] == 200]
+    assert line["client"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("names", "env", "key"), [
+    ("admin", {"MSGLEDGER_HTTP_ADMIN_LISTEN": "127.0.0.1:9"}, "LISTEN_FDS"),  # no public one
+    ("public:admin", {}, "http.admin_listen"),  # admin passed, admin_listen unset
+    ("a:b", {}, "LISTEN_FDS"),  # two public sockets
+])
+async def test_passed_sockets_that_do_not_fit_stop_start_up(
+        tmp_path: Path, names: str, env: dict[str, str], key: str) -> None:
+    """Sockets systemd passes that the configuration cannot use: exit 2, one line naming
+    what does not fit."""
+    sockets = [held_listener() for _ in names.split(":")]
+    fds = [sock.fileno() for sock in sockets]
+    launcher = [sys.executable, "-c", ACTIVATE, names, ",".join(map(str, fds))]
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*launcher, sys.executable, "-m", "msgledger", "run"], pass_fds=fds,
+            env={**child_env(tmp_path / "misfit.db"), **env}, capture_stdout=True,
+            capture_stderr=True, check=False)
+    for sock in sockets:
+        sock.close()
+    assert result.returncode == 2, result.stderr
+    assert f"configuration error: {key}" in result.stderr.decode()
+
+
+async def test_a_passed_socket_beyond_loopback_needs_a_public_url(tmp_path: Path) -> None:
+    """As for http.listen: a passed socket on 0.0.0.0 without http.public_url would check
+    every signature against the wrong URL; start-up refuses instead."""
+    sock = socket.socket()
+    sock.bind(("0.0.0.0", 0))
+    sock.listen(16)
+    launcher = [sys.executable, "-c", ACTIVATE, "public", str(sock.fileno())]
+    with sock, trio.fail_after(60):
+        result = await trio.run_process(
+            [*launcher, sys.executable, "-m", "msgledger", "run"], pass_fds=[sock.fileno()],
+            env=child_env(tmp_path / "wide.db"), capture_stderr=True, capture_stdout=True,
+            check=False)
+    assert result.returncode == 2
+    assert "configuration error: http.public_url" in result.stderr.decode()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import systemd
 from .logs import get_logger
-from .settings import ConfigError, Settings
+from .settings import ConfigError, Settings, is_loopback
 
 LISTEN_BACKLOG = 1024  # connections waiting for accept; a proxy opens its pool at once
 ADMIN_NAME = "admin"  # the FileDescriptorName= of a passed admin socket
@@ -56,6 +56,8 @@ def open_listeners(settings: Settings) -> Listeners:
             sock.close()
         raise
     activated = public is not None
+    if public is not None:
+        _check_public_url(public, settings)
     if public is None:
         public = bind_tcp(settings.http_listen_host, settings.http_listen_port)
     if admin is None and settings.http_admin_listen is not None:
@@ -89,6 +91,18 @@ def _sort_passed(passed: list[tuple[str, socket.socket]], settings: Settings
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(LISTEN_BACKLOG)  # systemd's default backlog may be smaller
     return (public[0] if public else None), (admin[0] if admin else None)
+
+
+def _check_public_url(public: socket.socket, settings: Settings) -> None:
+    """As settings check `http.listen`: a passed socket beyond loopback needs
+    `http.public_url`, since the address it listens on is not the URL Twilio signs."""
+    host = "localhost" if public.family == socket.AF_UNIX else public.getsockname()[0]
+    if settings.http_webhooks and settings.http_public_url is None and not is_loopback(host):
+        where = url_of(public)
+        public.close()
+        raise ConfigError("http.public_url: required when the socket systemd passes listens"
+                          f" beyond loopback ({where}); signatures are checked against the"
+                          " URL Twilio calls")
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
@@ -145,9 +159,15 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def fd_bind(fd: int) -> str:
+    """A listener's descriptor as a hypercorn bind (a front's, inherited from the main
+    process)."""
+    return f"fd://{fd}"
+
+
 def hand_over(sock: socket.socket) -> str:
     """`sock` as a hypercorn bind that owns it from now on (hypercorn closes it)."""
-    return f"fd://{sock.detach()}"
+    return fd_bind(sock.detach())
 
 
 def raise_descriptor_limit() -> tuple[int, int]:

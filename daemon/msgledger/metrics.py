@@ -53,17 +53,20 @@ class Metrics:
         """Count what a front's `tally` adds to what it reported `before` (kept up to date);
         TallyRefused for a counter or labels not ours (the frame's shape is the link's to
         check)."""
-        for name, labels, total in tally:
-            counter = self._tallied.get(name)
-            if counter is None:
-                raise TallyRefused(f"no counter {name!r}")
-            try:
-                child = counter.labels(**labels)
-            except ValueError as error:  # prometheus_client: labels not the counter's
-                raise TallyRefused(f"{name}: {error}") from None
-            key = (name, tuple(sorted(labels.items())))
+        counted = [(self._child(name, labels), (name, tuple(sorted(labels.items()))), total)
+                   for name, labels, total in tally]  # all checked before any is counted
+        for child, key, total in counted:
             child.inc(max(0.0, total - before.get(key, 0.0)))
             before[key] = total
+
+    def _child(self, name: str, labels: dict[str, str]) -> Any:
+        counter = self._tallied.get(name)
+        if counter is None:
+            raise TallyRefused(f"no counter {name!r}")
+        try:
+            return counter.labels(**labels)
+        except ValueError as error:  # prometheus_client: labels not the counter's
+            raise TallyRefused(f"{name}: {error}") from None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

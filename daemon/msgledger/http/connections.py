@@ -19,8 +19,9 @@ calls it. Each workaround, its upstream cause and when it can go: docs/hypercorn
   the connection closes as soon as its last answer is sent. hypercorn waits out the timer
   (75 s) instead whenever the request's task finished before the client hung up, which on
   the lean webhook path is nearly every time.
-- **A drain drops no request.** A connection accepted in the last moments before a drain
-  has its first request read and answered; hypercorn closed it unread.
+- **A drain drops no request.** Idle connections are kept DRAIN_GRACE once draining, and
+  whatever arrives on them is answered with `Connection: close`; hypercorn closed them at
+  once, racing the proxies' pooled requests (502s) and connections accepted but unread.
 - **Closing does not race an answer.** hypercorn half-closes (`send_eof`) without its
   send lock; an answer sent at that moment failed with BusyResourceError and a traceback.
 
@@ -31,6 +32,7 @@ a read that no request body waits on runs without a cancel scope.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -43,6 +45,8 @@ import hypercorn.trio.run
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
@@ -50,9 +54,11 @@ from ..logs import get_logger
 from ..metrics import Metrics
 
 CLOSE_TIMEOUT = 5.0  # seconds a shielded close may take; it is local work, not the client's
-# Seconds a connection accepted just before a drain has to send its first request: its
-# client sent it right after connecting, and it must be answered, not dropped.
-FIRST_REQUEST_GRACE = 1.0
+# Seconds an idle connection is kept once the server drains: a request sent on it meanwhile
+# (a proxy's pooled connection, or one accepted just before the drain) is answered, with
+# `Connection: close`, instead of meeting a close it could not see coming (a 502 at the
+# proxy, which does not retry a POST). Idle connections that stay idle close after it.
+DRAIN_GRACE = 0.5
 MESSAGE_CHARS = 200  # of an error's text in its log line: enough to tell one from another
 log = get_logger("msgledger.connections")
 
@@ -96,6 +102,15 @@ class HTTP11Protocol(H11Protocol):
         self.headers_at = trio.current_time()
         if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
             raise H2ProtocolAssumedError(b"")
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        """hypercorn's, with `Connection: close` on every answer once the server drains, so
+        a proxy stops reusing the connection before it is closed under it."""
+        if (isinstance(event, Response) and event.status_code >= 200
+                and self.context.terminated.is_set()):
+            event = dataclasses.replace(event, headers=[*event.headers,
+                                                        (b"connection", b"close")])
+        await super().stream_send(event)
 
     def reading_body(self) -> bool:
         """A request's headers have arrived and the last byte of its body has not."""
@@ -160,7 +175,7 @@ class MsgledgerTCPServer(TCPServer):
         self.read_ended = True
         await self.protocol.handle(Closed())
         # The keep-alive timer is the only task left once the last answer is out: without
-        # it, `run`'s task group ends and the socket is closed (docs/hypercorn.md §7).
+        # it, `run`'s task group ends and the socket is closed (docs/hypercorn.md §6).
         await self.idle_task.stop()
 
     async def _receive(self) -> bytes | None:
@@ -208,16 +223,16 @@ class MsgledgerTCPServer(TCPServer):
 
     async def _idle_timeout(self) -> None:
         """hypercorn's keep-alive timer, which also closes idle connections once the server
-        drains; but never a connection with a request in flight, and a connection that has
-        not had its first request yet (accepted in the last moments before the drain) gets
-        FIRST_REQUEST_GRACE for it. hypercorn's closed both: a request whose headers
-        arrived as the timer woke was cut off (its stop came too late to cancel a close
-        already shielded), and a request accepted but not yet read was dropped unanswered.
-        A request's end closes its connection once draining (`_maybe_recycle`)."""
+        drains; but never a connection with a request in flight, and an idle one only after
+        DRAIN_GRACE, during which a request that arrives is served (and answered with
+        `Connection: close`: `HTTP11Protocol.stream_send`). hypercorn closed at once: a
+        proxy's pooled request sent at that moment got a 502, a connection accepted but not
+        yet read was dropped unanswered, and a request whose headers arrived as the timer
+        woke was cut off (its stop came too late to cancel a close already shielded). A
+        request's end closes its connection once draining (`_maybe_recycle`)."""
         with trio.move_on_after(self.config.keep_alive_timeout):
             await self.context.terminated.wait()
-            if self._serving_no_request() and self._awaiting_first_request():
-                await trio.sleep(FIRST_REQUEST_GRACE)
+            await trio.sleep(DRAIN_GRACE)  # a request arriving meanwhile stops the timer
         await trio.lowlevel.checkpoint_if_cancelled()  # a stop that raced the wake lands here
         if self._serving_no_request():
             with trio.CancelScope(shield=True):
@@ -225,10 +240,6 @@ class MsgledgerTCPServer(TCPServer):
 
     def _serving_no_request(self) -> bool:
         return getattr(self.protocol.protocol, "stream", None) is None
-
-    def _awaiting_first_request(self) -> bool:
-        protocol = self.protocol.protocol
-        return isinstance(protocol, H11Protocol) and protocol.keep_alive_requests == 0
 
     def _client(self) -> str | None:
         protocol = getattr(self, "protocol", None)  # set once the connection has started

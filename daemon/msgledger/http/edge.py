@@ -55,12 +55,14 @@ def _under(path: Path, prefix: Path) -> bool:
 
 
 def at_the_edge(router: ASGIFramework, settings: Settings, *,
-                webhooks: bool = True) -> ASGIFramework:
+                public: bool = True) -> ASGIFramework:
     """`router` as a listener serves it: `Prefixed` outermost, so lines name root paths.
-    `webhooks`: whether this listener serves them (the admin listener does not)."""
+    `public` is False for the admin listener: it serves no webhook, and no proxy fronts it,
+    so no forwarded header may name its client (any local process could forge one)."""
     app = router
     if settings.log_access:  # the webhook routes log their own line, where they are served
-        served = webhooks and settings.http_webhooks
-        app = AccessLog(app, ClientResolver(settings.http_trusted_proxies),
+        served = public and settings.http_webhooks
+        trusted = settings.http_trusted_proxies if public else ()
+        app = AccessLog(app, ClientResolver(trusted),
                         skip=frozenset(ROUTES) if served else frozenset())
     return Prefixed(app, settings.public_prefix) if settings.public_prefix else app

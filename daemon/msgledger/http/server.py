@@ -50,9 +50,8 @@ class Router:
     def __init__(self, webhooks: WebhookReceiver | None, app: QuartTrio,
                  journal: JournalClient) -> None:
         self._webhooks = webhooks
-        self._app = app
+        self.app = app  # the rest; alone, the admin listener's router (http.admin_listen)
         self.journal = journal  # what it all journals through: closed once serving ends
-        self.app = app  # the admin listener's router (http.admin_listen)
         self.routes = routes_of(app)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
@@ -60,7 +59,7 @@ class Router:
         if self._webhooks is not None and scope["type"] == "http" and scope["path"] in ROUTES:
             await self._webhooks(scope, receive, send)
         else:
-            await self._app(scope, receive, send)
+            await self.app(scope, receive, send)
 
 
 class PublicOnly:
@@ -83,11 +82,6 @@ def public_router(router: ASGIFramework, settings: Settings) -> ASGIFramework:
     listener of their own."""
     return at_the_edge(router if settings.http_admin_listen is None else PublicOnly(router),
                        settings)
-
-
-def fd_bind(fd: int) -> str:
-    """A listener made by someone else (the main process, for its fronts)."""
-    return f"fd://{fd}"
 
 
 def hypercorn_config(bind: str, settings: Settings, metrics: Metrics) -> ConnectionConfig:
@@ -117,7 +111,34 @@ async def serve_admin(app: QuartTrio, listener: socket.socket, settings: Setting
                       task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
                       ) -> None:
     """Serve `/v1`, `/metrics` and `/healthz` on the admin listener, from the main process
-    (which answers them in any case), until `stop`; then finish in-flight requests."""
+    (which answers them in any case), until `stop`; then finish in-flight requests. The
+    app's lifespan belongs to the public server (or the fronts' relay): it runs once."""
     config = hypercorn_config(hand_over(listener), settings, metrics)
-    await serve_http(at_the_edge(app, settings, webhooks=False), config, stop.wait,
-                     task_status=task_status)
+    await serve_http(at_the_edge(WithoutLifespan(app), settings, public=False), config,
+                     stop.wait, task_status=task_status)
+
+
+class WithoutLifespan:
+    """`app` with ASGI's lifespan answered here and not passed on: for a second server of
+    an app whose startup and shutdown another server already runs."""
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+        else:
+            await self._app(scope, receive, send)
+
+
+async def answer_lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Complete ASGI's lifespan startup and shutdown with nothing to do for either."""
+    while True:
+        message: Any = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -21,7 +21,6 @@ import gc
 import hmac
 import itertools
 import os
-import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,7 +53,13 @@ from ..events import (
 )
 from ..http import openapi
 from ..http.connections import ConnectionConfig
-from ..http.server import Routes, fd_bind, hypercorn_config, public_router, serve_http
+from ..http.server import (
+    Routes,
+    answer_lifespan,
+    hypercorn_config,
+    public_router,
+    serve_http,
+)
 from ..http.state import ServerState
 from ..http.webhooks import (
     ROUTES,
@@ -67,6 +72,7 @@ from ..http.webhooks import (
 )
 from ..journal import INTAKE_BUFFER, MAX_BATCH  # a frame holds what one commit may
 from ..journal_client import JournalClient
+from ..listeners import fd_bind
 from ..metrics import Metrics
 from .link import (
     FRAME_BUDGET,
@@ -87,8 +93,6 @@ from .link import (
     event_to_wire,
 )
 
-# What Quart routes to /v1: werkzeug merges repeated slashes, so "//v1" gets there too.
-_API_PATH = re.compile(r"/+v1(/|$)")
 RELAY_MAX_BODY = 1024 * 1024  # bytes; /v1 bodies are a few KiB, anything near this is abuse
 RELAY_TIMEOUT = 60.0  # seconds; a send retried on 429s may take a while, not this long
 TALLY_EVERY = 1.0  # seconds between counter reports: /metrics lags by at most this
@@ -211,7 +215,7 @@ class Relay:
     @staticmethod
     def _guarded(path: str) -> bool:
         """A /v1 path that needs the token: all but the contract, as in the Quart app."""
-        return _API_PATH.match(path) is not None and path != openapi.PATH
+        return openapi.is_api_path(path) and path != openapi.PATH
 
     def _authorized(self, scope: HTTPScope) -> bool:
         """As `api._bearer` reads it: the first Authorization header, as Quart decodes it."""
@@ -267,7 +271,7 @@ class FrontRouter:
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
                        send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
         elif scope["type"] != "http":
             return  # websockets: nothing here speaks them
         elif self._webhooks is not None and scope["path"] in ROUTES:
@@ -277,16 +281,6 @@ class FrontRouter:
             await _send_json(send, status, orjson.dumps({**body, "worker": self._worker}))
         else:
             await self._relay(scope, receive, send)
-
-
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    while True:
-        message: Any = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 # ------------------------------------------------------------------------ the process

@@ -149,8 +149,9 @@ class SettingsFrame:
     @classmethod
     def from_wire(cls, frame: RawFrame) -> Self:
         _, values, public_url, routes = frame
-        values = {**_of(dict, values),  # JSON has no tuples: the one tuple field comes as a list
-                  "http_trusted_proxies": tuple(values["http_trusted_proxies"])}
+        # JSON has no tuples, and Settings holds no lists: each list was a tuple.
+        values = {key: tuple(value) if isinstance(value, list) else value
+                  for key, value in _of(dict, values).items()}
         return cls(Settings(**values), _of(str, public_url),
                    [(_of(str, rule), [_of(str, m) for m in _of(list, methods)])
                     for rule, methods in _of(list, routes)])
