@@ -41,6 +41,7 @@ from .conftest import (
     start_child,
     wait_until,
 )
+from .test_listeners import held_listener, start_activated
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "msgledger.conf"
@@ -432,3 +433,56 @@ def test_nginx_accepts_the_shipped_file(tmp_path: Path, certs: Certs) -> None:
     result = subprocess.run([command[0], "-t", *command[1:]], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------ a restart behind each
+
+
+RESTART_CLIENTS = 16  # keep-alive clients through the proxy, as Twilio's bursts are
+RESTART_EACH_SIDE = 300  # callbacks answered before the restart, and after it
+
+
+@pytest.mark.parametrize("name", PROXIES)
+async def test_a_restart_behind_the_proxy_loses_no_callback(tmp_path: Path, certs: Certs,
+                                                            name: str, workers: str) -> None:
+    """The daemon restarted under 16 keep-alive clients through the shipped proxy file,
+    with its listener held as systemd holds msgledger.socket: every callback is answered
+    200, none is a 502 or a dropped connection. The proxy's pooled connections to the old
+    process are what a drain used to close under a request in flight to them."""
+    listener = held_listener()
+    port = free_port()
+    env = child_env(tmp_path / "restart.db", MSGLEDGER_HTTP_WORKERS=workers,
+                    MSGLEDGER_HTTP_PUBLIC_URL=f"https://localhost:{port}")
+    outcomes: list[int | str] = []
+    done = trio.Event()
+    upstream = f"127.0.0.1:{listener.getsockname()[1]}"
+    with listener, trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            first = await start_activated(nursery, env, listener)
+            async with (running_proxy(name, tmp_path / name, port, upstream, certs) as proxy,
+                        trio.open_nursery() as clients):
+                for _ in range(RESTART_CLIENTS):
+                    clients.start_soon(_post_until, proxy, done, outcomes)
+                await wait_until(lambda: len(outcomes) >= RESTART_EACH_SIDE)
+                first.process.send_signal(signal.SIGTERM)
+                assert await first.process.wait() == 0
+                second = await start_activated(nursery, env, listener)
+                before = len(outcomes)
+                await wait_until(lambda: len(outcomes) >= before + RESTART_EACH_SIDE)
+                done.set()
+            second.process.send_signal(signal.SIGTERM)
+            assert await second.process.wait() == 0
+    assert [o for o in outcomes if o != 200] == []
+
+
+async def _post_until(proxy: Proxy, done: trio.Event, outcomes: list[int | str]) -> None:
+    async with proxy.client(connections=1) as client:
+        while not done.is_set():
+            params = callback_params(new_sid(), "delivered")
+            url = proxy.url + "/twilio/status"
+            try:
+                answer = await client.post("/twilio/status", content=urlencode(params),
+                                           headers=signed(url, params))
+                outcomes.append(answer.status_code)
+            except httpx.HTTPError as error:
+                outcomes.append(type(error).__name__)
