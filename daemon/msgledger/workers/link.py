@@ -158,8 +158,10 @@ class SettingsFrame:
 
 
 @dataclass(frozen=True, slots=True)
-class ReadyFrame:
-    KIND: ClassVar = FrameKind.READY
+class _BareFrame:
+    """A frame that is its kind and nothing else."""
+
+    KIND: ClassVar[FrameKind]
 
     def to_wire(self) -> RawFrame:
         return [self.KIND]
@@ -168,6 +170,11 @@ class ReadyFrame:
     def from_wire(cls, frame: RawFrame) -> Self:
         (_,) = frame
         return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyFrame(_BareFrame):
+    KIND: ClassVar = FrameKind.READY
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,16 +279,8 @@ class HealthFrame:
 
 
 @dataclass(frozen=True, slots=True)
-class DrainFrame:
+class DrainFrame(_BareFrame):
     KIND: ClassVar = FrameKind.DRAIN
-
-    def to_wire(self) -> RawFrame:
-        return [self.KIND]
-
-    @classmethod
-    def from_wire(cls, frame: RawFrame) -> Self:
-        (_,) = frame
-        return cls()
 
 
 ToMain: TypeAlias = ReadyFrame | EventsFrame | RequestFrame | TallyFrame
