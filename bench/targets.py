@@ -266,13 +266,18 @@ def start_proxy(name: str, workdir: Path, upstream: str) -> Proxy:
 
 def stop_proxy(proxy: Proxy) -> None:
     """SIGTERM to the proxy we started (nginx: fast shutdown; HAProxy: hard stop)."""
-    if proxy.proc.poll() is None:
-        proxy.proc.send_signal(signal.SIGTERM)
+    _terminate(proxy.proc)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait for the exit; SIGKILL to its process group after STOP_TIMEOUT_S."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            proxy.proc.wait(STOP_TIMEOUT_S)
+            proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proxy.proc.pid, signal.SIGKILL)
-            proxy.proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _get(port: int, path: str) -> int:
@@ -325,13 +330,7 @@ def stop(target: Target) -> int | None:
     The proxy in front, if any, stops first."""
     if target.proxy is not None:
         stop_proxy(target.proxy)
-    if target.proc.poll() is None:
-        target.proc.send_signal(signal.SIGTERM)
-        try:
-            target.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(target.proc.pid, signal.SIGKILL)
-            target.proc.wait()
+    _terminate(target.proc)
     return target.proc.returncode
 
 
