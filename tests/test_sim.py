@@ -7,13 +7,15 @@ Trio's virtual clock with a fake `deliver`, where no socket is involved.
 
 from __future__ import annotations
 
+import base64
+import math
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 import requests
@@ -37,6 +39,8 @@ from msgledger.sim import (
     open_simulator,
     serve_sim,
 )
+from msgledger.sim._app import handle_api
+from msgledger.sim._http import Request
 
 ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "sim-test-token"
@@ -51,6 +55,7 @@ KNOBS = SimKnobs(
     outcome_weights=ALWAYS_DELIVERED,
     seed=7,
 )
+BASIC_AUTH = "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
 T = TypeVar("T")
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -142,6 +147,20 @@ def client_for(sim: Simulator, token: str = AUTH_TOKEN) -> Client:
 async def call(fn: Callable[[], T]) -> T:
     """Run a blocking client call in a worker thread."""
     return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
+async def answer(sim: Simulator, method: str, resource: str, body: bytes = b"") -> int:
+    """One API request straight to the handler, no socket (so it runs on virtual time)."""
+    path = f"/2010-04-01/Accounts/{ACCOUNT_SID}/{resource}"
+    reply = await handle_api(sim, Request(method, path, {"authorization": BASIC_AUTH}, body))
+    return reply.status
+
+
+async def timed(request: Awaitable[int]) -> tuple[int, float]:
+    """The status a request got and the Trio seconds it took."""
+    started = trio.current_time()
+    status = await request
+    return status, trio.current_time() - started
 
 
 def create(client: Client, **params: Any) -> Callable[[], Any]:
@@ -286,6 +305,7 @@ async def test_wrong_credentials_and_unknown_sid_raise(nursery: trio.Nursery) ->
     assert (denied.value.status, denied.value.code) == (401, 20003)
     assert (elsewhere.value.status, elsewhere.value.code) == (401, 20003)
     assert (missing.value.status, missing.value.code) == (404, 20404)
+    assert (sim.stats.fetches, sim.stats.fetches_not_found) == (3, 1)
 
 
 async def test_latency_delays_every_answer(nursery: trio.Nursery) -> None:
@@ -297,6 +317,90 @@ async def test_latency_delays_every_answer(nursery: trio.Nursery) -> None:
         await call(client.messages.list)
         await call(create(client))
     assert trio.current_time() - started >= 0.4
+
+
+async def test_fetch_latency_delays_only_fetches(autojump_clock: trio.abc.Clock) -> None:
+    """On virtual time a fetch, found or not, takes latency + fetch_latency; a list or a
+    create only latency."""
+    knobs = replace(KNOBS, latency=0.5, fetch_latency=2.0)
+    form = urlencode({"To": TO, "From": FROM, "Body": "hi"}).encode()
+    async with open_simulator(knobs, base_url="http://sim", deliver=recorder([])) as sim:
+        sid = sim.add_message(to=TO).sid
+        found = await timed(answer(sim, "GET", f"Messages/{sid}.json"))
+        missing = await timed(answer(sim, "GET", f"Messages/SM{'0' * 32}.json"))
+        listed = await timed(answer(sim, "GET", "Messages.json"))
+        created = await timed(answer(sim, "POST", "Messages.json", form))
+    assert (found, missing) == ((200, 2.5), (404, 2.5))
+    assert (listed, created) == ((200, 0.5), (201, 0.5))
+    assert (sim.stats.fetches, sim.stats.fetches_not_found, sim.stats.requests) == (2, 1, 4)
+
+
+async def test_throttle_for_requests_answers_429s_then_serves(nursery: trio.Nursery) -> None:
+    """`throttle(requests=2)` answers the next two requests 429 20429, creating nothing, then
+    serves again."""
+    sim = await start_sim(nursery)
+    client = client_for(sim)
+    sid = sim.add_message(to=TO).sid
+    sim.throttle(requests=2)
+    with trio.fail_after(10):
+        with pytest.raises(TwilioRestException) as fetched:
+            await call(client.messages(sid).fetch)
+        with pytest.raises(TwilioRestException) as created:
+            await call(create(client))
+        served = await call(client.messages(sid).fetch)
+    assert (fetched.value.status, fetched.value.code) == (429, 20429)
+    assert (created.value.status, created.value.code) == (429, 20429)
+    assert served.sid == sid and list(sim.messages) == [sid]
+    assert (sim.stats.requests_429, sim.stats.messages_created, sim.stats.fetches) == (2, 0, 2)
+
+
+async def test_throttle_until_answers_429_until_that_trio_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """On virtual time `throttle(until=t)` answers 429 before t and serves from t on; a new
+    call replaces the burst, and `throttle(requests=0)` ends one."""
+    async with open_simulator(KNOBS, base_url="http://sim", deliver=recorder([])) as sim:
+        fetch = f"Messages/{sim.add_message(to=TO).sid}.json"
+        sim.throttle(until=trio.current_time() + 10)
+        during = [await answer(sim, "GET", fetch), await answer(sim, "GET", "Messages.json")]
+        await trio.sleep(9.99)
+        last = await answer(sim, "GET", fetch)
+        await trio.sleep(0.01)
+        after = await answer(sim, "GET", fetch)
+        sim.throttle(until=math.inf)
+        sim.throttle(requests=0)
+        ended = await answer(sim, "GET", fetch)
+    assert (during, last, after, ended) == ([429, 429], 429, 200, 200)
+    assert sim.stats.requests_429 == 3
+
+
+async def test_in_flight_is_left_when_a_request_is_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A request cancelled during its latency no longer counts in flight; the peak stays."""
+    knobs = replace(KNOBS, latency=10.0)
+    async with open_simulator(knobs, base_url="http://sim", deliver=recorder([])) as sim:
+        with trio.move_on_after(1):
+            await answer(sim, "GET", "Messages.json")
+    assert (sim.stats.in_flight, sim.stats.peak_in_flight, sim.stats.requests) == (0, 1, 1)
+
+
+async def test_peak_in_flight_shows_the_concurrency_a_client_used(
+    nursery: trio.Nursery,
+) -> None:
+    """Six fetches sent at once, each held 0.5 s, are six in flight at the peak; a reset
+    peak then counts afresh."""
+    sim = await start_sim(nursery, fetch_latency=0.5)
+    sid = sim.add_message(to=TO).sid
+    with trio.fail_after(10):
+        async with trio.open_nursery() as fetches:
+            for _ in range(6):
+                fetches.start_soon(call, client_for(sim).messages(sid).fetch)
+        peak, in_flight = sim.stats.peak_in_flight, sim.stats.in_flight
+        sim.stats.peak_in_flight = 0
+        await call(client_for(sim).messages(sid).fetch)
+    assert (peak, in_flight, sim.stats.fetches) == (6, 0, 7)
+    assert sim.stats.peak_in_flight == 1
 
 
 async def test_list_pages_return_every_message_once_newest_first(nursery: trio.Nursery) -> None:
@@ -385,6 +489,7 @@ async def test_lost_create_response_leaves_the_message_alive(
     assert "without response" in str(raised.value)
     [message] = sim.messages.values()
     assert message.status == "delivered" and sim.stats.create_responses_lost == 1
+    assert sim.stats.in_flight == 0  # the dropped request left the count
     assert [c.status for c in receiver.received] == ["sent", "delivered"]
 
 

@@ -7,6 +7,10 @@ When those retries run out the attempt is `Rejected`: certainly not sent.
 A 5xx, a timeout or a dropped answer may have created the message, so it comes back as
 `Unknown` and is never retried: retrying could send the message twice. The reconciler
 settles those attempts later.
+
+A fetch is tried once: the poller that calls it does its own backoff, so the outcome only
+says whether Twilio spoke about the message (`Fetched`), did not this time (`Throttled`),
+or refuses our credentials (`CredentialsRefused`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import requests
 import trio
@@ -63,6 +68,45 @@ CreateOutcome = Accepted | Rejected | Unknown
 
 
 @dataclass(frozen=True)
+class Fetched:
+    """Twilio answered about the message: 200 with its resource, or a 4xx about it (404: not
+    found)."""
+
+    http_status: int
+    resource: Mapping[str, Any]  # on 200 the FETCHED_FIELDS, JSON-serialisable; else {}
+    error_code: int | None = None  # Twilio's code on a 4xx (20404...)
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Throttled:
+    """No answer about the message this time: 429, 5xx, a timeout, a connection error or an
+    unreadable answer. Try again later, slower."""
+
+    reason: str
+    http_status: int | None = None  # None: no usable HTTP answer
+
+
+@dataclass(frozen=True)
+class CredentialsRefused:
+    """401 or 403: Twilio refuses these credentials; every fetch will fail the same way until
+    they change."""
+
+    http_status: int
+    error_code: int | None
+    message: str
+
+
+FetchOutcome = Fetched | Throttled | CredentialsRefused
+
+CREATED_FIELDS = ("sid", "status", "to", "from_", "messaging_service_sid", "date_created",
+                  "date_sent", "num_segments", "error_code", "error_message", "price",
+                  "price_unit", "account_sid")
+FETCHED_FIELDS = ("sid", "status", "error_code", "error_message", "date_sent", "date_updated",
+                  "price", "price_unit", "num_segments")
+
+
+@dataclass(frozen=True)
 class TwilioConfig:
     account_sid: str
     auth_token: str
@@ -93,8 +137,9 @@ class TwilioApi:
             self._local.client = client
         return client
 
-    async def _call(self, fn: Callable[[Client], T]) -> T:
-        return await trio.to_thread.run_sync(lambda: fn(self._client()), limiter=self._limiter)
+    async def _call(self, fn: Callable[[Client], T], *, abandon_on_cancel: bool = False) -> T:
+        return await trio.to_thread.run_sync(lambda: fn(self._client()), limiter=self._limiter,
+                                             abandon_on_cancel=abandon_on_cancel)
 
     async def create_message(self, params: Mapping[str, Any]) -> CreateOutcome:
         """Create a message; retried only while Twilio certainly did not process it."""
@@ -125,7 +170,30 @@ class TwilioApi:
             return Unknown(f"connection lost: {e}")
         except requests.exceptions.RequestException as e:
             return Unknown(f"{type(e).__name__}: {e}")
-        return Accepted(message.sid, message.status, _resource(message))
+        return Accepted(message.sid, message.status, _resource(message, CREATED_FIELDS))
+
+    async def fetch_message(self, sid: str) -> FetchOutcome:
+        """Fetch one message by SID, once; no retries, the caller backs off itself."""
+        # Quoted, so a malformed SID stays one path segment and Twilio answers 404 for it.
+        quoted = quote(sid, safe="")
+        try:
+            # A read: a shutdown need not wait for its answer (up to twilio.timeout).
+            message = await self._call(lambda c: c.messages(quoted).fetch(),
+                                       abandon_on_cancel=True)
+        except TwilioRestException as e:
+            return fetch_error(e.status, e.code, str(e.msg))
+        except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
+            return fetch_error(e.status, e.code, str(e.detail or e.title))
+        except requests.exceptions.RequestException as e:
+            return Throttled(f"{type(e).__name__}: {e}")
+        except ValueError as e:  # a 2xx whose body is not JSON (a proxy's page, a cut answer)
+            return Throttled(f"unreadable answer: {e}")
+        return fetched(message)
+
+
+def fetched(message: Any) -> Fetched:
+    """A fetch's 200 answer (the client's MessageInstance) as the poller keeps it."""
+    return Fetched(200, _resource(message, FETCHED_FIELDS))
 
 
 def _refusal(status: int, code: int | None, message: str) -> CreateOutcome | _Retry:
@@ -136,6 +204,19 @@ def _refusal(status: int, code: int | None, message: str) -> CreateOutcome | _Re
     if status >= 500:
         return Unknown(f"HTTP {status} from Twilio: {message}")
     return Rejected(status, code, message)
+
+
+def fetch_error(status: object, code: object, message: str) -> FetchOutcome:
+    """What an HTTP error from Twilio means for a fetch: the credentials are refused (401,
+    403), Twilio could not answer now (429, 5xx), or it says something about the message."""
+    if not isinstance(status, int):  # a problem body's own status field, not HTTP's
+        return Throttled(f"error answer without a status: {message}")
+    if status in (401, 403):
+        return CredentialsRefused(status, _int_or_none(code), message)
+    if status == 429 or status >= 500:
+        kind = "rate limited" if status == 429 else "server error"
+        return Throttled(f"{kind} (HTTP {status}): {message}", status)
+    return Fetched(status, {}, _int_or_none(code), message)
 
 
 @dataclass(frozen=True)
@@ -155,10 +236,17 @@ def _never_connected(error: requests.exceptions.ConnectionError) -> bool:
     return isinstance(cause, urllib3.exceptions.ConnectTimeoutError)
 
 
-def _resource(message: Any) -> dict[str, Any]:
-    """The parts of Twilio's answer worth keeping in the record."""
-    fields = ("sid", "status", "to", "from_", "messaging_service_sid", "date_created",
-              "date_sent", "num_segments", "error_code", "error_message", "price",
-              "price_unit", "account_sid")
+def _resource(message: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The named fields of Twilio's answer, JSON-serialisable (`from_` is kept as `from`)."""
     found = {name.rstrip("_"): getattr(message, name, None) for name in fields}
-    return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in found.items()}
+    return {k: _json_value(k, v) for k, v in found.items()}
+
+
+def _json_value(name: str, value: Any) -> Any:
+    if name == "error_code":  # the client leaves a code it cannot parse as a string
+        return _int_or_none(value)
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -32,14 +32,21 @@ _CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
 
 async def handle_api(sim: Simulator, request: Request) -> Response:
     """Answer one API request; raises DropConnection when the lost-create knob fires."""
-    sim.stats.requests += 1
-    knobs = sim.knobs
-    await trio.sleep(knobs.latency)
-    try:
-        return _route(sim, knobs, request)
-    except ApiError as error:
-        challenge = (_CHALLENGE,) if error.status == 401 else ()
-        return _json_reply(error.status, error.payload(), challenge)
+    knobs, stats, fetch = sim.knobs, sim.stats, _is_fetch(request)
+    stats.requests += 1
+    stats.fetches += fetch
+    with stats.handling():
+        await trio.sleep(knobs.latency + (knobs.fetch_latency if fetch else 0.0))
+        try:
+            return _route(sim, knobs, request)
+        except ApiError as error:
+            challenge = (_CHALLENGE,) if error.status == 401 else ()
+            return _json_reply(error.status, error.payload(), challenge)
+
+
+def _is_fetch(request: Request) -> bool:
+    match = _PATH.fullmatch(request.target.partition("?")[0])
+    return request.method == "GET" and match is not None and match["sid"] is not None
 
 
 def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
@@ -50,7 +57,7 @@ def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
         raise _not_found(path)
     if match["account"] != knobs.account_sid:
         raise ApiError(401, 20003, "Authenticate")  # these credentials own no other account
-    if sim.dice.chance(knobs.rate_limit_429):
+    if sim.throttles_request() or sim.dice.chance(knobs.rate_limit_429):
         sim.stats.requests_429 += 1
         raise ApiError(429, 20429, "Too Many Requests")
     sid, method = match["sid"], request.method
@@ -92,6 +99,7 @@ def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Respons
 def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Response:
     message = sim.messages.get(sid)
     if message is None:
+        sim.stats.fetches_not_found += 1
         raise _not_found(path)
     return _json_reply(200, message_json(message, redact_to=knobs.redact_to))
 

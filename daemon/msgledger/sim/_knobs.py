@@ -47,6 +47,7 @@ class SimKnobs:
     account_sid: str  # "AC" + 32 hex
     auth_token: str  # HTTP Basic password and the callback signing key
     latency: float = 0.0  # seconds added before answering each API request
+    fetch_latency: float = 0.0  # seconds more before answering a fetch (GET /Messages/{Sid})
     step_delay: tuple[float, float] = (0.005, 0.05)  # min/max seconds between lifecycle steps
     callback_loss: float = 0.0  # probability a status callback is never sent
     callback_duplication: float = 0.0  # probability a callback is sent twice
@@ -64,7 +65,7 @@ class SimKnobs:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]")
         low, high = self.step_delay
-        if not 0.0 <= low <= high or self.latency < 0:
+        if not 0.0 <= low <= high or min(self.latency, self.fetch_latency) < 0:
             raise ValueError("delays must be >= 0 and step_delay must be (min, max)")
 
 

@@ -7,6 +7,7 @@ fake `deliver`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -65,6 +66,8 @@ class Simulator:
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._throttled_requests = 0  # the next this many API requests are answered 429
+        self._throttled_until = -math.inf  # and every one before this Trio time
 
     @property
     def messages(self) -> Mapping[str, SimMessage]:
@@ -102,12 +105,14 @@ class Simulator:
         date_created: datetime | None = None,
         date_sent: datetime | None = None,
         run_lifecycle: bool = False,
+        sid: str | None = None,
     ) -> SimMessage:
         """Inject a message created "outside" the API, e.g. for reconciliation tests.
 
         It stays at `status` unless `run_lifecycle`, in which case it lives on from `status`
         (which should then be "queued" or "accepted") like a created one. `date_sent` defaults
-        to `date_created` for statuses past `sent`.
+        to `date_created` for statuses past `sent`. `sid` gives it a SID of the test's
+        choosing (one the client already knows of, say), instead of a new one.
         """
         if run_lifecycle and status not in ("queued", "accepted"):
             raise ValueError(f"a lifecycle starts at queued or accepted, not {status!r}")
@@ -124,6 +129,7 @@ class Simulator:
             created=created,
             sent=date_sent,
             error_code=error_code,
+            sid=sid,
         )
         if run_lifecycle:
             self._start_lifecycle(message)
@@ -139,6 +145,27 @@ class Simulator:
             date_updated=utcnow(),
         )
         return self._store.put(message)
+
+    def throttle(self, *, requests: int | None = None, until: float | None = None) -> None:
+        """Answer API requests 429 (code 20429, nothing done), past authentication like the
+        rate_limit_429 knob: the next `requests` of them, and every one before Trio time
+        `until` (`trio.current_time()`, so virtual time works).
+
+        Each call replaces the burst before it; `throttle(requests=0)` ends it.
+        """
+        if requests is None and until is None:
+            raise ValueError("throttle needs requests or until")
+        if requests is not None and requests < 0:
+            raise ValueError(f"requests must be >= 0, not {requests}")
+        self._throttled_requests = requests or 0
+        self._throttled_until = -math.inf if until is None else until
+
+    def throttles_request(self) -> bool:
+        """Whether the current burst takes this API request; it counts against `requests`."""
+        if self._throttled_requests > 0:
+            self._throttled_requests -= 1
+            return True
+        return trio.current_time() < self._throttled_until
 
     async def wait_idle(self) -> None:
         """Return once no lifecycle is running: every planned step and callback is done."""
@@ -156,13 +183,14 @@ class Simulator:
         created: datetime,
         sent: datetime | None,
         error_code: int | None,
+        sid: str | None = None,
     ) -> SimMessage:
         # Messaging Service sends count no segments until they are queued
         # (docs/twilio.md, "Create").
         segments = "0" if status == "accepted" else count_segments(body)
         return self._store.put(
             SimMessage(
-                sid="SM" + self.dice.hex32(),
+                sid=sid or "SM" + self.dice.hex32(),
                 account_sid=self.knobs.account_sid,
                 to=to,
                 from_=from_,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -10,7 +12,11 @@ class SimStats:
     """Running totals; mutable on purpose, read them at any time."""
 
     requests: int = 0  # API requests received, whatever their outcome
-    requests_429: int = 0  # answered 429 by the rate_limit_429 knob
+    requests_429: int = 0  # answered 429 by the rate_limit_429 knob or a `throttle` burst
+    fetches: int = 0  # fetch requests (GET /Messages/{Sid}) received, whatever their outcome
+    fetches_not_found: int = 0  # fetches answered 404: no message has that SID
+    in_flight: int = 0  # API requests being handled now, their latency included
+    peak_in_flight: int = 0  # the most in_flight seen; a test may reset it to 0
     messages_created: int = 0  # through the API (add_message not counted)
     create_responses_lost: int = 0  # creates performed whose answer was dropped
     callbacks_sent: int = 0  # POST attempts, retries and duplicates included
@@ -19,3 +25,13 @@ class SimStats:
     callbacks_retried: int = 0  # extra attempts after a retryable failure
     callbacks_lost: int = 0  # never sent, by the callback_loss knob
     callbacks_duplicated: int = 0  # sent a second time, by the callback_duplication knob
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """Count one API request in flight while the block runs, however it ends."""
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
