@@ -7,16 +7,21 @@ import csv
 import io
 import json
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from msgledger import store
 from msgledger.cli import CSV_FIELDS, main
 from msgledger.events import Event, utc_now
+
+from .conftest import ACCOUNT_SID, child_env, start_child
 
 MSGLEDGER = Path(sys.executable).with_name("msgledger")
 SID_X = "SM" + "1" * 32
@@ -309,3 +314,28 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, command: str,
     code, out, err = run(capsys, command, "--config", str(config))
     assert (code, out) == (1, "")
     assert err.count("\n") == 1 and "cannot be read" in err
+
+
+@pytest.mark.parametrize("credentials", [True, False], ids=["with-twilio", "without"])
+async def test_status_asks_the_running_daemon_how_its_poller_is(
+        tmp_path: Path, credentials: bool) -> None:
+    """Whether the poller runs or is paused lives in the daemon, not the store: `status`
+    asks the daemon's /healthz (`running`, or `off` without Twilio credentials), and says
+    so when no daemon answers."""
+    with socket.socket() as probe:  # a port free now, for a daemon `status` can find
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    extra = {"MSGLEDGER_TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+             "MSGLEDGER_TWILIO_API_BASE_URL": "http://127.0.0.1:9"} if credentials else {}
+    env = child_env(tmp_path / "s.db", MSGLEDGER_HTTP_LISTEN=f"127.0.0.1:{port}", **extra)
+    async with trio.open_nursery() as nursery:
+        child = await start_child(nursery, env)
+        answered = await trio.run_process([sys.executable, "-m", "msgledger", "status"],
+                                          env=env, capture_stdout=True)
+        child.process.send_signal(signal.SIGTERM)
+        await child.process.wait()
+    alone = await trio.run_process([sys.executable, "-m", "msgledger", "status"], env=env,
+                                   capture_stdout=True)
+    assert json.loads(answered.stdout)["poller"] == ("running" if credentials else "off")
+    assert json.loads(alone.stdout)["poller"].startswith(
+        f"unknown: no daemon answers at http://127.0.0.1:{port}/healthz")

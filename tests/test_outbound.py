@@ -33,15 +33,16 @@ async def sim_and_ledger(tmp_path: Path, *, api_base_url: str | None = None,
                          env: Mapping[str, str] | None = None,
                          **knobs: Any) -> AsyncIterator[tuple[Simulator, Ledger]]:
     """The simulator playing Twilio, and a daemon sending through it; `env` adds settings."""
-    sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN, step_delay=FAST,
-                         outcome_weights=ALWAYS_DELIVERED, seed=7, **knobs)
+    sim_knobs = SimKnobs(ACCOUNT_SID, AUTH_TOKEN,
+                         **{"step_delay": FAST, "outcome_weights": ALWAYS_DELIVERED, "seed": 7,
+                            **knobs})
     async with trio.open_nursery() as nursery:
         sim = await nursery.start(partial(serve_sim, sim_knobs))
-        environ = daemon_environ(
-            tmp_path / "out.db", MSGLEDGER_TWILIO_ACCOUNT_SID=ACCOUNT_SID,
-            MSGLEDGER_TWILIO_API_BASE_URL=api_base_url or sim.base_url,
-            MSGLEDGER_TWILIO_RETRY_BACKOFF="10ms", MSGLEDGER_POLLER_OVERDUE_AFTER="1ms",
-            **(env or {}))
+        environ = daemon_environ(tmp_path / "out.db", **{
+            "MSGLEDGER_TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+            "MSGLEDGER_TWILIO_API_BASE_URL": api_base_url or sim.base_url,
+            "MSGLEDGER_TWILIO_RETRY_BACKOFF": "10ms", "MSGLEDGER_POLLER_OVERDUE_AFTER": "1ms",
+            **(env or {})})
         async with open_ledger(environ) as ledger:
             yield sim, ledger
         nursery.cancel_scope.cancel()

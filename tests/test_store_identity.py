@@ -27,10 +27,12 @@ import trio
 
 from msgledger import cli, store
 from msgledger.events import Event
-from msgledger.workers.link import LinkBroken, health_from_wire
+from msgledger.store._schema import SCHEMA_VERSION
+from msgledger.workers.link import HealthFrame, LinkBroken, health_from_wire
 
 from .conftest import ChildDaemon, callback_params, child_env, new_sid, signed, start_child
 
+NEWER = SCHEMA_VERSION + 1  # a schema version no msgledger reads yet
 SENDERS = 16  # concurrent callers: enough to keep several callbacks in every batch
 Change = Callable[[Path], None]
 
@@ -153,10 +155,10 @@ def unrelated_database(path: Path) -> str:
 def newer_store(path: Path) -> str:
     written_store(path)
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(NEWER),))
     conn.commit()
     conn.close()
-    return "schema version 2 is newer"
+    return f"schema version {NEWER} is newer"
 
 
 def random_bytes(path: Path) -> str:
@@ -454,12 +456,14 @@ async def post_big(client: httpx.AsyncClient, child: ChildDaemon) -> int:
     return await post(client, child, new_sid(), Body="x" * 8000)
 
 
-@pytest.mark.parametrize("frame", [["health"], ["health", 5], ["health", None, "extra"]])
+@pytest.mark.parametrize("frame", [["health"], ["health", 5, "running"], ["health", None],
+                                   ["health", None, None], ["health", None, "running", "x"]])
 def test_a_malformed_health_frame_breaks_the_link(frame: list[Any]) -> None:
-    """A front trusts no frame's shape: a `health` frame that is not [name, reason or null]
-    breaks its link (LinkBroken), as any malformed frame does."""
-    assert health_from_wire(["health", None]) is None
-    assert health_from_wire(["health", "disk full"]) == "disk full"
+    """A front trusts no frame's shape: a `health` frame that is not [name, reason or null,
+    poller state] breaks its link (LinkBroken), as any malformed frame does."""
+    assert health_from_wire(["health", None, "off"]) == HealthFrame(None, "off")
+    assert health_from_wire(["health", "disk full", "running"]) == HealthFrame("disk full",
+                                                                               "running")
     with pytest.raises(LinkBroken, match="health"):
         health_from_wire(frame)
 
@@ -481,7 +485,7 @@ def test_verify_finds_a_damaged_file(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.parametrize(("make", "why"), [
-    (newer_store, "schema version 2 is newer"),
+    (newer_store, f"schema version {NEWER} is newer"),
     (unrelated_database, "not a msgledger store"),
     (empty_file, "an empty database, not a msgledger store"),
     (random_bytes, "SQLite cannot read it: file is not a database"),

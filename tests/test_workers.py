@@ -121,7 +121,7 @@ async def test_a_frame_sent_is_a_frame_received() -> None:
     """`Link.send` and `Link.frames` agree, many senders at once included."""
     left, right = socket.socketpair()
     sender, reader = Link(left), Link(right)
-    sent = [HealthFrame("x" * n) for n in range(200)]
+    sent = [HealthFrame("x" * n, "running") for n in range(200)]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             for frame in sent:
@@ -254,8 +254,8 @@ def one_of_each(settings: Settings) -> list[tuple[Any, Callable[[RawFrame], Any]
         (ResponseFrame(3, (201, [(b"content-type", b"application/json")], b"{}\xff")),
          decode_to_front),
         (TallyFrame([["callbacks", {"route": "status", "outcome": "ok"}, 3.0]]), decode_to_main),
-        (HealthFrame("disk full"), decode_to_front),
-        (HealthFrame(None), decode_to_front),
+        (HealthFrame("disk full", "running"), decode_to_front),
+        (HealthFrame(None, "paused: refused"), decode_to_front),
         (DrainFrame(), decode_to_front),
     ]
 

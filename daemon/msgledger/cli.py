@@ -14,6 +14,8 @@ import os
 import signal
 import sqlite3
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -159,11 +161,20 @@ async def _serve_sim_until_stopped(knobs: SimKnobs, host: str, port: int) -> Non
 
 
 def _store_exists(path: str) -> bool:
-    """Whether the store is there; if not, say so in one line rather than a traceback."""
-    if Path(path).is_file():
-        return True
-    print(f"msgledger: no store at {path} (see store.path)", file=sys.stderr)
-    return False
+    """Whether the store is there, and of the schema this version reads; if not, say so in
+    one line rather than a traceback."""
+    if not Path(path).is_file():
+        print(f"msgledger: no store at {path} (see store.path)", file=sys.stderr)
+        return False
+    conn = store.connect(path, readonly=True)
+    try:
+        store.store_version(conn, path)
+    except store.StoreError as error:
+        print(f"msgledger: {error}", file=sys.stderr)
+        return False
+    finally:
+        conn.close()
+    return True
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -254,7 +265,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     conn = store.connect(settings.store_path, readonly=True)
     try:
         conn.execute("BEGIN")
-        overdue, oldest = store.overdue_backlog(conn, cutoff)
+        overdue, oldest = store.poll_backlog(conn, cutoff)
         report = {
             "events": store.journal_size(conn),
             "by_status": store.status_counts(conn),
@@ -265,8 +276,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         conn.execute("COMMIT")
     finally:
         conn.close()
+    report["poller"] = _poller_state(settings)
     print(json.dumps(report, indent=2))
     return 0
+
+
+HEALTH_TIMEOUT = 2.0  # seconds: a daemon that takes longer to answer /healthz is unwell
+
+
+def _poller_state(settings: config.Settings) -> str:
+    """The running daemon's word on its poller (its /healthz), or why it cannot be had:
+    whether the poller is paused lives in the daemon, not in the store."""
+    if settings.http_listen_port == 0:
+        return "unknown: http.listen has port 0, so the daemon's port is not known"
+    host = settings.http_listen_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    url = f"http://{host}:{settings.http_listen_port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with direct.open(url, timeout=HEALTH_TIMEOUT) as answer:
+            body = answer.read()
+    except urllib.error.HTTPError as refusal:  # a 503 still says how the poller is
+        body = refusal.read()
+    except (OSError, ValueError) as error:
+        return f"unknown: no daemon answers at {url} ({error})"
+    try:
+        return str(json.loads(body)["poller"])
+    except (ValueError, KeyError, TypeError):
+        return f"unknown: {url} does not answer as msgledger does"
 
 
 def _age(now: dt.datetime, at: str | None) -> float | None:

@@ -31,16 +31,23 @@ class AckDeadlines:
         self.seconds = seconds
         self._tick = min(CHECK_EVERY, seconds / 4)  # a short timeout is checked more often
         self._waiting: deque[tuple[float, Reply]] = deque()
+        self._watched = trio.Event()  # set when the queue gets an entry
 
     def watch(self, deadline: float, reply: Reply) -> None:
         """Answer `reply` JournalUnavailable if it is still unanswered at `deadline`, the
         Trio time `seconds` from now (so the queue stays in deadline order)."""
         self._waiting.append((deadline, reply))
+        self._watched.set()
 
     async def run(self) -> None:
         """Answer expired replies every tick (`CHECK_EVERY`, or a quarter of a shorter
-        timeout), until cancelled."""
+        timeout) while any are queued, until cancelled. An empty queue waits without
+        ticking: an idle daemon (or a test on virtual time) is not woken ten times a
+        second for nothing."""
         while True:
+            if not self._waiting:
+                self._watched = trio.Event()
+                await self._watched.wait()
             await trio.sleep(self._tick)
             self.expire(trio.current_time())
 

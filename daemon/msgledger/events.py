@@ -26,7 +26,8 @@ Kind: TypeAlias = Literal[
     "send_rejected",  # Twilio refused the create: an unsuccessful attempt
     "send_unknown",  # the request left but no answer came back
     "register",  # an app recorded a message it sent itself
-    "poll",  # a fetch by SID found this status
+    "polled",  # the poller fetched the message by SID: Twilio's answer (a status, or 404)
+    "poll_gave_up",  # still not final at poller.give_up_after: flagged unconfirmed
     "reconcile",  # the daily list found this status or this discrepancy
 ]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import trio
 
@@ -25,6 +26,7 @@ from .events import Ack, JournalInbox, JournalUnavailable, Submission, take_wait
 from .logs import get_logger
 from .metrics import Metrics
 from .store import JournalWriter, StoreLost
+from .store_reads import RunSync
 
 MAX_BATCH = 1024  # events per transaction: bounds one commit's latency, far above the load
 # Events waiting for the journal (or a front's forwarder): a full batch's worth can queue
@@ -44,23 +46,24 @@ def _nobody(_: str | None) -> None:
 
 
 async def run_journal(inbox: JournalInbox, *, writer: JournalWriter, metrics: Metrics,
-                      health: Health = _nobody,
+                      health: Health = _nobody, run_sync: RunSync = trio.to_thread.run_sync,
                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Commit everything the inbox delivers, in batches, until the inbox is closed."""
+    """Commit everything the inbox delivers, in batches, until the inbox is closed. Each
+    commit runs through `run_sync` (a worker thread)."""
     limiter = trio.CapacityLimiter(1)  # SQLite has one owner: one thread at a time
     with inbox:
         task_status.started()
         async for first in inbox:
             batch = take_waiting(inbox, first, MAX_BATCH)
-            await _commit(batch, writer, limiter, metrics, health)
+            await _commit(batch, writer, partial(run_sync, limiter=limiter), metrics, health)
     log.info("journal_closed", last_seq=writer.last_seq,
              refused_batches=writer.refused_batches)
 
 
-async def _commit(batch: Sequence[Submission], writer: JournalWriter,
-                  limiter: trio.CapacityLimiter, metrics: Metrics, health: Health) -> None:
+async def _commit(batch: Sequence[Submission], writer: JournalWriter, run_sync: RunSync,
+                  metrics: Metrics, health: Health) -> None:
     started = time.perf_counter()
-    acks = await trio.to_thread.run_sync(_append_or_isolate, writer, batch, limiter=limiter)
+    acks: list[Ack] = await run_sync(partial(_append_or_isolate, writer, batch))
     metrics.commit_seconds.observe(time.perf_counter() - started)
     metrics.batch_size.observe(len(batch))
     _report(acks, health)  # first: a client told 503 then probing /healthz hears why

@@ -1,11 +1,12 @@
 """The wiring: one place opens the nurseries, creates every channel with an explicit size,
 hands each actor its channel ends, and reports readiness (log line, /healthz, systemd).
 
-Start-up runs downstream first: the journal, then the HTTP front. Shutdown is a close
-cascade: the first SIGTERM/SIGINT (or `stop`) marks the daemon draining and stops the
-listener; hypercorn lets in-flight requests finish (`http.graceful_timeout`); the receiver's
-intake channel then closes, the journal commits what it holds and ends. A second signal
-cancels everything at once.
+Start-up runs downstream first: the journal, then the poller (with Twilio credentials),
+then the HTTP front. Shutdown is a close cascade: the first SIGTERM/SIGINT (or `stop`)
+marks the daemon draining, ends the poller's pass and stops the listener; hypercorn lets
+in-flight requests finish (`http.graceful_timeout`); the producers' intake clones then
+close, the journal commits what it holds and ends. A second signal cancels everything at
+once.
 
 With `http.workers` > 1 the HTTP front is N front processes instead (`workers/`): each
 holds its own clone of the intake through its link, drains on the same stop, and the
@@ -15,8 +16,10 @@ journal ends after the last of them.
 from __future__ import annotations
 
 import gc
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -34,9 +37,11 @@ from .journal_client import JournalClient
 from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
 from .logs import get_logger
 from .metrics import Metrics
+from .poller import PollerConfig, PollerDeps, run_poller
 from .sender import Sender
 from .settings import Settings
 from .store import JournalWriter
+from .store_reads import StoreReads
 from .twilio_api import TwilioApi, TwilioConfig
 from .workers.supervisor import serve_by_fronts
 
@@ -57,7 +62,8 @@ async def run(settings: Settings, *, stop: trio.Event | None = None, handle_sign
     """Run the daemon until `stop` is set (or a signal arrives), then drain and return."""
     stop = stop if stop is not None else trio.Event()
     writer = await trio.to_thread.run_sync(JournalWriter.open, settings.store_path)
-    log.info("store_opened", path=settings.store_path, last_seq=writer.last_seq)
+    log.info("store_opened", path=settings.store_path, last_seq=writer.last_seq,
+             upgraded_from=writer.upgraded_from)
     try:
         raise_descriptor_limit()
         listeners = open_listeners(settings)
@@ -87,8 +93,12 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
         async with trio.open_nursery() as services:
             await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
                                          health=state.report_store))
+            api = _twilio_api(settings)
             with JournalClient(intake, deadlines) as journal:
-                router = _router(settings, state, metrics, journal.clone())
+                if api is not None:
+                    await services.start(_poller(settings, state, metrics, journal.clone(),
+                                                 api, stop))
+                router = _router(settings, state, metrics, journal.clone(), api)
                 serve = (_serve_here if settings.http_workers == 1
                          else partial(serve_by_fronts, journal.clone()))
             admin_url = url_of(listeners.admin) if listeners.admin else None
@@ -110,11 +120,20 @@ def _ready(settings: Settings, state: ServerState, url: str, admin_url: str | No
              workers=settings.http_workers)
 
 
+def _poller(settings: Settings, state: ServerState, metrics: Metrics, journal: JournalClient,
+            api: TwilioApi, stop: trio.Event) -> partial[Coroutine[Any, Any, None]]:
+    """The poller, ready to start; it journals through `journal` and closes it at its end."""
+    deps = PollerDeps(journal=journal, fetch=api.fetch_message,
+                      reads=StoreReads(settings.store_path), metrics=metrics.poller,
+                      report=state.report_poller)
+    return partial(run_poller, PollerConfig.from_settings(settings), deps, stop)
+
+
 def _router(settings: Settings, state: ServerState, metrics: Metrics,
-            journal: JournalClient) -> Router:
+            journal: JournalClient, api: TwilioApi | None) -> Router:
     """The HTTP router and everything it feeds; all of it journals through `journal`."""
     receiver = webhook_receiver(settings, journal, state=state, metrics=metrics)
-    sender = Sender(journal, _twilio_api(settings), keep_body=settings.store_keep_body,
+    sender = Sender(journal, api, keep_body=settings.store_keep_body,
                     public_url=lambda: str(state.public_url))
     app = create_app(ApiDeps(
         store_path=settings.store_path, api_token=settings.api_token, state=state,

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import generate_latest
 
 # Commit latency buckets (seconds): a local fsync is well under a millisecond (bench/README.md),
 # network storage several ms, and anything near the 5 s ack timeout is an incident.
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Twilio fetch latency (seconds): tens of ms from a nearby region, a second is slow, and the
+# client gives up at twilio.timeout (15 s by default).
+_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 
 TallyKey = tuple[str, tuple[tuple[str, str], ...]]  # a counter's name, its labels sorted
 
@@ -40,6 +49,7 @@ class Metrics:
         self.batch_size = Histogram(
             "msgledger_journal_batch_size", "Events per journal commit",
             buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.poller = PollerMetrics(self.registry)
 
     def tally(self) -> list[list[Any]]:
         """`[counter, {label: value}, total]` for each sample of the counters a front keeps:
@@ -70,3 +80,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PollerMetrics:
+    """The overdue poller's metrics (docs/design.md, "The overdue poller")."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.overdue = Gauge(
+            "msgledger_overdue_messages",
+            "Messages past their first poll time, not final and not given up",
+            registry=registry)
+        self.oldest_age = Gauge(
+            "msgledger_overdue_oldest_age_seconds",
+            "Age of the oldest overdue message (0: none)", registry=registry)
+        self.polls = Counter(
+            "msgledger_polls", "Fetches by SID, by outcome: changed, unchanged, not_found,"
+            " error, throttled, refused, not_journaled", ["outcome"], registry=registry)
+        self.gave_up = Counter(
+            "msgledger_poll_gave_up", "Messages flagged unconfirmed at poller.give_up_after",
+            registry=registry)
+        self.fetch_seconds = Histogram(
+            "msgledger_twilio_fetch_seconds", "Time for one fetch by SID, thread hop included",
+            buckets=_FETCH_BUCKETS, registry=registry)
+        self.paused = Gauge(
+            "msgledger_poller_paused", "1 while Twilio refuses the credentials (401/403)",
+            registry=registry)
+        self.concurrency = Gauge(
+            "msgledger_poller_concurrency",
+            "Fetches the poller lets in flight now: halved on 429/5xx, raised after successes",
+            registry=registry)

@@ -55,6 +55,8 @@ class Settings:
     api_token: str | None
     poller_overdue_after: float
     poller_interval: float
+    poller_concurrency: int
+    poller_give_up_after: float
     reconciler_daily_at: str
     reconciler_lookback_days: int
     log_level: str
@@ -259,6 +261,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
     "poller": {
         "overdue_after": (parse_positive_duration, "12h"),
         "interval": (parse_positive_duration, "5m"),
+        "concurrency": (parse_positive_int, 4),  # fetches in flight at most
+        "give_up_after": (parse_positive_duration, "7d"),
     },
     "reconciler": {
         "daily_at": (parse_daily_at, "03:30"),
@@ -361,6 +365,9 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
     if port != 0 and p["http.admin_listen"] == f"{host}:{port}":  # port 0: two ports
         raise ConfigError("http.admin_listen: must differ from http.listen (it exists to keep"
                           " /v1 and /metrics off the public listener)")
+    if p["poller.give_up_after"] < p["poller.overdue_after"]:
+        raise ConfigError("poller.give_up_after: must be at least poller.overdue_after (a"
+                          " message is given up on only after it was polled)")
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")

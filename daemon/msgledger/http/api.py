@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hmac
-import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
-import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -20,6 +18,7 @@ from ..journal_client import JournalClient
 from ..logs import get_logger
 from ..metrics import Metrics
 from ..sender import Sender, SendRequest, body_fields
+from ..store_reads import StoreReads, StoreUnreadable
 from . import openapi, payloads
 from .state import ServerState
 
@@ -46,40 +45,10 @@ class ApiDeps:
     keep_body: str
 
 
-class StoreUnreadable(Exception):
-    """The store cannot be read (its file removed, an I/O error): answered 503, as the
-    callbacks are then, not 500."""
-
-
-class StoreReader:
-    """Read-only store access from worker threads, never blocking the journal writer."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._limiter = trio.CapacityLimiter(4)  # concurrent API reads; WAL allows many
-
-    async def run(self, query: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        def read() -> Any:
-            conn = store.connect(self._path, readonly=True)
-            try:
-                return query(conn, *args, **kwargs)
-            finally:
-                conn.close()
-
-        try:
-            return await trio.to_thread.run_sync(read, limiter=self._limiter)
-        except sqlite3.OperationalError as error:  # the file, not the request: 503
-            raise StoreUnreadable(str(error)) from error
-
-    async def record(self, key: str) -> store.Record | None:
-        found: store.Record | None = await self.run(store.find_record, key)
-        return found
-
-
 def create_app(deps: ApiDeps) -> QuartTrio:
     app = QuartTrio("msgledger", static_folder=None)  # no files to serve: no /static route
     app.config["MAX_CONTENT_LENGTH"] = payloads.MAX_JSON_BYTES  # larger bodies: 413, unread
-    reader = StoreReader(deps.store_path)
+    reader = StoreReads(deps.store_path)
     guarded = _bearer(deps.api_token)
     contract = openapi.document()  # read once: it ships with the code it describes
 
@@ -153,7 +122,7 @@ async def _json() -> object:
     return payloads.parse_json(raw)
 
 
-async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> ApiResponse:
+async def _send(deps: ApiDeps, reader: StoreReads, wanted: SendRequest) -> ApiResponse:
     if not deps.sender.configured:
         return jsonify(error="twilio.account_sid and twilio.auth_token are not configured"), 503
     if not deps.sender.claim(wanted.ref):
@@ -172,7 +141,7 @@ async def _send(deps: ApiDeps, reader: StoreReader, wanted: SendRequest) -> ApiR
     return jsonify(record), SEND_STATUS[result]
 
 
-async def _register(deps: ApiDeps, reader: StoreReader, r: payloads.Registration) -> ApiResponse:
+async def _register(deps: ApiDeps, reader: StoreReads, r: payloads.Registration) -> ApiResponse:
     existing = await reader.record(r.sid)
     if existing is not None:
         field = _contradicted(existing, r)
@@ -220,10 +189,10 @@ def _contradicted(record: store.Record, r: payloads.Registration) -> str | None:
     return next((name for name, value in given.items() if value != held[name]), None)
 
 
-async def _list(deps: ApiDeps, reader: StoreReader, q: payloads.ListQuery) -> ApiResponse:
-    sent_before = store.overdue_cutoff(deps.overdue_after) if q.overdue else None
+async def _list(deps: ApiDeps, reader: StoreReads, q: payloads.ListQuery) -> ApiResponse:
+    overdue_before = store.overdue_cutoff(deps.overdue_after) if q.overdue else None
     records, cursor = await reader.run(
-        store.list_records, status=q.status, sent_before=sent_before, since=q.since,
+        store.list_records, status=q.status, overdue_before=overdue_before, since=q.since,
         until=q.until, after=q.after, limit=q.limit)
     return jsonify(messages=records, next_cursor=cursor), 200
 

@@ -15,16 +15,18 @@ from ._reader import (
     iter_records,
     journal_size,
     list_records,
-    overdue_backlog,
     overdue_cutoff,
     status_counts,
 )
-from ._schema import connect
+from ._schedule import NO_CURSOR, Cursor, DueMessage, first_polls, poll_backlog, repolls
+from ._schema import connect, store_version
 from ._verify import VerifyResult, verify
 from ._writer import ChainBroken, JournalWriter, Tail
 
-__all__ = ["CHECKPOINT_EVENT", "FINAL", "RANK", "ChainBroken", "Checkpoint", "CheckpointResult",
-           "JournalWriter", "MessageState", "Record", "StoreError", "StoreLost", "Tail",
-           "VerifyResult", "apply", "check_checkpoints", "connect", "find_record",
-           "iter_records", "journal_size", "list_records", "overdue_backlog", "overdue_cutoff",
-           "rank", "read_checkpoints", "status_counts", "verify"]
+__all__ = ["CHECKPOINT_EVENT", "FINAL", "NO_CURSOR", "RANK", "ChainBroken", "Checkpoint",
+           "CheckpointResult", "Cursor", "DueMessage", "JournalWriter", "MessageState", "Record",
+           "StoreError",
+           "StoreLost", "Tail", "VerifyResult", "apply", "check_checkpoints", "connect",
+           "find_record", "first_polls", "iter_records", "journal_size", "list_records",
+           "overdue_cutoff", "poll_backlog", "rank", "read_checkpoints", "repolls",
+           "status_counts", "store_version", "verify"]

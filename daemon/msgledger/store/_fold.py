@@ -5,6 +5,12 @@ stored projection can always be rebuilt by replaying the journal, and the rules 
 tested as properties. The status never goes backwards: it is the highest-ranked one seen,
 and it, its error code, its flags and the times do not depend on the order the events
 arrived in. Descriptive fields (to, from, body) keep the first value seen.
+
+The poll schedule folds the same way: `polls` counts the poller's answers, `next_poll_at`
+is the latest time any of them set, and `poll_from` (derived) is when the message's age
+counts from while the poller may poll it. Two flags are withdrawn by later evidence:
+`unconfirmed` (the poller gave up) by any final status, whatever the order, and
+`not_found_at_twilio` (a 404) by a later poll that found the message, in journal order.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ _CALLBACK_FIELDS = {"To": "to", "From": "from", "MessagingServiceSid": "messagin
                     "ErrorCode": "error_code"}
 _FIELDS = ("to", "from", "messaging_service_sid", "body", "body_sha256")
 _NO_FLAGS: frozenset[str] = frozenset()
+NOT_FOUND = "not_found_at_twilio"  # the last poll was answered 404
+UNCONFIRMED = "unconfirmed"  # the poller gave up before any final status
 
 
 def rank(status: str) -> int:
@@ -76,6 +84,8 @@ class MessageState:
     created_at: str = ""
     updated_at: str = ""
     sent_at: str | None = None  # first time Twilio had it; the poller measures age from here
+    polls: int = 0  # `polled` events: Twilio's answers to the poller
+    next_poll_at: str | None = None  # when the poller asks again, as its last answer set
 
 
 def facts(event: Event) -> dict[str, str]:
@@ -105,6 +115,12 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
     found = facts(event)
     flags = s.flags | _flags_from(event)
     status, error_code, terminals, sent_at = s.status, s.error_code, s.terminals, s.sent_at
+    polls, next_poll_at = s.polls, s.next_poll_at
+    if event.kind == "polled":
+        polls, next_poll_at = polls + 1, _latest(next_poll_at, event.data.get("next_poll_at"))
+        flags = _not_found(flags, event.data.get("http_status"))
+    elif event.kind == "poll_gave_up":
+        flags = flags | {UNCONFIRMED}
     if event.status is not None:
         new = event.status
         if rank(new) >= 1:
@@ -117,6 +133,8 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
             status, error_code = new, found.get("error_code")
         elif new == status:  # a duplicate: its error code may fill in, never by arrival order
             error_code = _first_of(error_code, found.get("error_code"))
+    if status in FINAL and UNCONFIRMED in flags:
+        flags = flags - {UNCONFIRMED}
     return MessageState(
         sid=s.sid or event.sid,
         ref=s.ref or event.ref,
@@ -132,7 +150,35 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
         created_at=min(s.created_at, event.at),
         updated_at=max(s.updated_at, event.at),
         sent_at=sent_at,
+        polls=polls,
+        next_poll_at=next_poll_at,
     )
+
+
+def poll_from(state: MessageState) -> str | None:
+    """When the message's age counts from while the poller may poll it (its `sent_at`, or
+    its first event); None once it may not: no SID, a final status, or given up."""
+    if state.sid is None or state.status in FINAL or UNCONFIRMED in state.flags:
+        return None
+    return state.sent_at or state.created_at
+
+
+def _latest(current: str | None, proposed: object) -> str | None:
+    """The later of two poll times, ignoring a missing or malformed one: the same in any
+    order."""
+    if not isinstance(proposed, str):
+        return current
+    return proposed if current is None else max(current, proposed)
+
+
+def _not_found(flags: frozenset[str], http_status: object) -> frozenset[str]:
+    """A poll's answer on `not_found_at_twilio`: a 404 raises it, finding the message
+    withdraws it, any other answer leaves it be."""
+    if http_status == 404:
+        return flags | {NOT_FOUND}
+    if http_status == 200 and NOT_FOUND in flags:
+        return flags - {NOT_FOUND}
+    return flags
 
 
 def _first_of(a: str | None, b: str | None) -> str | None:

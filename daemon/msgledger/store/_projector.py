@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from ..events import Event
 from ._bulk import insert_rows
-from ._fold import MessageState, apply
+from ._fold import MessageState, apply, poll_from
 from ._schema import MESSAGE_COLUMNS, JournalRow, journal_columns
 
 _SELECT = f"SELECT id, {', '.join(MESSAGE_COLUMNS)} FROM messages"
@@ -219,21 +219,23 @@ def _lookup(column: str, count: int) -> str:
 
 def _state_from_row(row: tuple[object, ...]) -> MessageState:
     (sid, ref, to, from_, mss, body, body_sha256, status, error_code, terminals, flags,
-     created_at, updated_at, sent_at, _) = row
+     created_at, updated_at, sent_at, polls, next_poll_at, _poll_from, _last_seq) = row
     return MessageState(
         sid=sid, ref=ref, to=to, from_=from_, messaging_service_sid=mss,  # type: ignore[arg-type]
         body=body, body_sha256=body_sha256, status=status,  # type: ignore[arg-type]
         error_code=error_code,  # type: ignore[arg-type]
         terminals=frozenset(json.loads(str(terminals))), flags=frozenset(json.loads(str(flags))),
         created_at=str(created_at), updated_at=str(updated_at),
-        sent_at=sent_at,  # type: ignore[arg-type]
+        sent_at=sent_at, polls=int(str(polls)),  # type: ignore[arg-type]
+        next_poll_at=next_poll_at,  # type: ignore[arg-type]
     )
 
 
 def _values(s: MessageState, last_seq: int) -> tuple[object, ...]:
     return (s.sid, s.ref, s.to, s.from_, s.messaging_service_sid, s.body, s.body_sha256,
             s.status, s.error_code, _json_list(s.terminals), _json_list(s.flags),
-            s.created_at, s.updated_at, s.sent_at, last_seq)
+            s.created_at, s.updated_at, s.sent_at, s.polls, s.next_poll_at, poll_from(s),
+            last_seq)
 
 
 def _json_list(values: frozenset[str]) -> str:

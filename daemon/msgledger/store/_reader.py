@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from ._fold import FINAL, SETTLED
+from ._fold import SETTLED
 
 Record = dict[str, Any]
 
@@ -35,6 +35,8 @@ class _MessageRow(NamedTuple):
     created_at: str
     updated_at: str
     sent_at: str | None
+    polls: int
+    next_poll_at: str | None
 
 
 class _HistoryRow(NamedTuple):
@@ -60,7 +62,7 @@ def _record(row: _MessageRow) -> Record:
         "error_code": row.error_code, "final": row.status in SETTLED, "body": row.body,
         "body_sha256": row.body_sha256, "flags": json.loads(row.flags),
         "created_at": row.created_at, "updated_at": row.updated_at, "sent_at": row.sent_at,
-        "history": [],
+        "polls": row.polls, "next_poll_at": row.next_poll_at, "history": [],
     }
 
 
@@ -112,22 +114,22 @@ def iter_records(conn: sqlite3.Connection, since: str | None = None,
 
 
 def list_records(conn: sqlite3.Connection, *, status: str | None = None,
-                 sent_before: str | None = None, since: str | None = None,
+                 overdue_before: str | None = None, since: str | None = None,
                  until: str | None = None, after: int = 0,
                  limit: int = 100) -> tuple[list[Record], int | None]:
     """One page of records by message id, and the cursor of the next page (None: last).
 
-    `sent_before` selects the overdue: a SID, not final, and sent before that instant.
+    `overdue_before` selects the overdue (`_schedule.poll_backlog`): the poller's, polled
+    already or with an age counting from before that instant.
     """
     where: list[str] = ["m.id > ?"]
     params: list[object] = [after]
     if status is not None:
         where.append("m.status = ?")
         params.append(status)
-    if sent_before is not None:
-        where.append(f"m.sid IS NOT NULL AND m.sent_at < ? AND m.status NOT IN "
-                     f"({', '.join('?' * len(FINAL))})")
-        params.extend([sent_before, *sorted(FINAL)])
+    if overdue_before is not None:
+        where.append("m.poll_from IS NOT NULL AND (m.polls > 0 OR m.poll_from <= ?)")
+        params.append(overdue_before)
     for column, op, value in (("created_at", ">=", since), ("created_at", "<", until)):
         if value is not None:
             where.append(f"m.{column} {op} ?")
@@ -157,19 +159,10 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def overdue_cutoff(overdue_after: float, now: dt.datetime | None = None) -> str:
-    """The `sent_at` before which a message that is not final is overdue."""
+    """The instant before which the poller's message (its age counting from then) is
+    overdue."""
     now = now or dt.datetime.now(dt.UTC)
     return (now - dt.timedelta(seconds=overdue_after)).isoformat(timespec="microseconds")
-
-
-def overdue_backlog(conn: sqlite3.Connection, sent_before: str) -> tuple[int, str | None]:
-    """How many messages are overdue (a SID, not final, sent before the cutoff) and when
-    the oldest of them was sent."""
-    count, oldest = conn.execute(
-        f"SELECT count(*), min(sent_at) FROM messages WHERE sid IS NOT NULL AND sent_at < ?"
-        f" AND status NOT IN ({', '.join('?' * len(FINAL))})",
-        (sent_before, *sorted(FINAL))).fetchone()
-    return int(count), oldest
 
 
 def journal_size(conn: sqlite3.Connection) -> int:

@@ -3,22 +3,28 @@
 `journal` is the record: append-only (triggers refuse UPDATE and DELETE) and hash-chained.
 `messages` and `message_events` are the projection, rebuilt from the journal at will.
 WAL with synchronous=FULL: a COMMIT returns only once the WAL is fsynced.
+
+Schema versions: 1 had no poll schedule; 2 adds `polls`, `next_poll_at` and `poll_from` to
+`messages`, and the poller's indexes. The writer upgrades a version-1 store when it opens
+it (`upgrade`), in one transaction; readers read only the current version.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import NamedTuple
 
 from ._file import StoreError
+from ._fold import MessageState, poll_from
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UPGRADABLE = 1  # the oldest version the writer upgrades in place
 GENESIS_HASH = "0" * 64  # the `prev_hash` of sequence number 1
 BUSY_TIMEOUT_MS = 5000  # a checkpoint or an exporter may hold a lock briefly
 STORE_TABLES = frozenset({"meta", "journal", "messages", "message_events"})
-
 
 
 class JournalRow(NamedTuple):
@@ -48,7 +54,18 @@ JOURNAL_COLUMNS = ", ".join(JournalRow._fields)
 # The columns of `messages` after `id`, in the order the projector writes them.
 MESSAGE_COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
                    "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
-                   "updated_at", "sent_at", "last_seq")
+                   "updated_at", "sent_at", "polls", "next_poll_at", "poll_from", "last_seq")
+
+
+# The poller's two work lists, holding only messages it may poll (`poll_from` is set: a
+# SID, not final, not given up): those never polled by age, those polled by their next
+# poll time (and their age, so the backlog's oldest needs no table lookup).
+POLL_INDEXES = """
+CREATE INDEX IF NOT EXISTS messages_first_poll ON messages (poll_from)
+    WHERE poll_from IS NOT NULL AND polls = 0;
+CREATE INDEX IF NOT EXISTS messages_next_poll ON messages (next_poll_at, poll_from)
+    WHERE poll_from IS NOT NULL AND polls > 0;
+"""
 
 
 def journal_columns(alias: str) -> str:
@@ -87,11 +104,14 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at            TEXT NOT NULL,
     updated_at            TEXT NOT NULL,
     sent_at               TEXT,
+    polls                 INTEGER NOT NULL DEFAULT 0,
+    next_poll_at          TEXT,
+    poll_from             TEXT,
     last_seq              INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_status ON messages (status, sent_at);
 CREATE INDEX IF NOT EXISTS messages_by_created ON messages (created_at);
-
+{POLL_INDEXES}
 CREATE TABLE IF NOT EXISTS message_events (
     seq        INTEGER PRIMARY KEY,
     message_id INTEGER NOT NULL
@@ -126,30 +146,44 @@ def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def prepare(conn: sqlite3.Connection, path: str) -> None:
+def prepare(conn: sqlite3.Connection, path: str) -> int | None:
     """Make the writer's database the store: refuse one that holds something else (before
-    anything is written to it), then WAL, and the tables if it is new."""
-    is_store = check_store(conn, path)
+    anything is written to it), then WAL, and the tables if it is new or an upgrade if it
+    is older. The version it was upgraded from, if it was."""
+    version = store_version(conn, path, oldest=UPGRADABLE)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    if not is_store:
+    if version is None:
         create(conn)
+    elif version < SCHEMA_VERSION:
+        upgrade(conn)
+        return version
+    return None
 
 
 def check_store(conn: sqlite3.Connection, path: str) -> bool:
     """Whether the database holds a msgledger store this version reads (False: it holds
     nothing yet); StoreError if it holds anything else."""
+    return store_version(conn, path) is not None
+
+
+def store_version(conn: sqlite3.Connection, path: str, *,
+                  oldest: int = SCHEMA_VERSION) -> int | None:
+    """The schema version of the store the database holds (None: it holds nothing yet);
+    StoreError if it holds anything else, or a version outside [oldest, SCHEMA_VERSION]."""
     tables = {name for (name,) in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
     if not tables:
-        return False
+        return None
     if not STORE_TABLES.issubset(tables):
         others = ", ".join(sorted(tables - STORE_TABLES)[:3]) or "only some of its tables"
         raise StoreError(path, f"not a msgledger store (it holds {others})")
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None or row[0] != str(SCHEMA_VERSION):
-        raise StoreError(path, _version_problem(None if row is None else row[0]))
-    return True
+    found = None if row is None else row[0]
+    if not (isinstance(found, str) and found.isdigit()
+            and oldest <= int(found) <= SCHEMA_VERSION):
+        raise StoreError(path, _version_problem(found))
+    return int(found)
 
 
 def _version_problem(found: object) -> str:
@@ -162,7 +196,8 @@ def _version_problem(found: object) -> str:
     if version > SCHEMA_VERSION:
         return (f"schema version {version} is newer than this msgledger reads"
                 f" ({SCHEMA_VERSION}): run a newer msgledger")
-    return f"schema version {version} is older than this msgledger reads ({SCHEMA_VERSION})"
+    return (f"schema version {version} is older than this msgledger reads ({SCHEMA_VERSION}):"
+            " `msgledger run` upgrades it when it opens it")
 
 
 def create(conn: sqlite3.Connection) -> None:
@@ -170,3 +205,33 @@ def create(conn: sqlite3.Connection) -> None:
     part-way leaves an empty database, never tables without their version."""
     conn.executescript(f"BEGIN IMMEDIATE;\n{DDL}\nINSERT INTO meta VALUES"
                        f" ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Version 1 to 2, in one transaction: the poll schedule's columns and indexes. No
+    version-1 store holds a poll, so every message starts unpolled, due by its age."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for column in ("polls INTEGER NOT NULL DEFAULT 0", "next_poll_at TEXT",
+                       "poll_from TEXT"):
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+        rows = conn.execute("SELECT id, sid, status, flags, created_at, sent_at FROM messages")
+        conn.executemany("UPDATE messages SET poll_from = ? WHERE id = ?",
+                         [(due, message_id) for message_id, *state in rows
+                          if (due := _poll_from_row(*state)) is not None])
+        for statement in filter(str.strip, POLL_INDEXES.split(";")):
+            conn.execute(statement)  # not executescript: it would COMMIT first
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                     (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _poll_from_row(sid: str | None, status: str | None, flags: str, created_at: str,
+                   sent_at: str | None) -> str | None:
+    """The fold's `poll_from` for a stored row (the same rule: `_fold.poll_from`)."""
+    state = MessageState(sid=sid, status=status, flags=frozenset(json.loads(flags)),
+                         created_at=created_at, sent_at=sent_at)
+    return poll_from(state)

@@ -55,6 +55,7 @@ class JournalWriter:
         self._files = files
         self._lost: str | None = None  # why the store's names lead elsewhere now
         self.refused_batches = 0  # batches refused since (StoreLost raised)
+        self.upgraded_from: int | None = None  # the schema version `open` upgraded, if any
 
     @classmethod
     def open(cls, path: str) -> JournalWriter:
@@ -68,11 +69,13 @@ class JournalWriter:
         conn: sqlite3.Connection | None = None
         try:
             conn = connect(path)
-            prepare(conn, path)
+            upgraded_from = prepare(conn, path)
             tail = check_tail(conn, TAIL_CHECK_ROWS)
             wal = wal_path(path)  # it holds committed rows until a checkpoint: watch it too
             files.watch(wal, f"its WAL {wal}")
-            return cls(conn, tail, files)
+            writer = cls(conn, tail, files)
+            writer.upgraded_from = upgraded_from
+            return writer
         except BaseException as error:
             if conn is not None:
                 conn.close()  # before the fds: see `_file`

@@ -358,8 +358,9 @@ async def _read_link(frames: AsyncIterator[RawFrame], forwarder: Forwarder, rela
                     forwarder.answer(acks)
                 case ResponseFrame() as response:
                     relay.answer(response)
-                case HealthFrame(problem):
+                case HealthFrame(problem, poller):
                     state.report_store(problem)
+                    state.report_poller(poller)
                 case DrainFrame():
                     stop.set()  # as a first signal: a signal may come too, and drains the same
                 case unexpected:

@@ -14,7 +14,7 @@ and reads it (`from_wire`):
 | `["request", id, {scope}, body]` | front -> main | a non-webhook HTTP request, whole |
 | `["response", id, status, headers, body]` | main -> front | its answer, whole |
 | `["tally", [[counter, {label: value}, total], ...]]` | front -> main | the front's counters |
-| `["health", reason]` | main -> front | why the store cannot commit now, or null once it can |
+| `["health", problem, poller]` | main -> front | why the store cannot commit; the poller state |
 | `["drain"]` | main -> front | drain as on SIGTERM |
 
 A reader decodes what arrives with `decode_to_main` or `decode_to_front` (a front's first
@@ -268,14 +268,15 @@ class TallyFrame:
 class HealthFrame:
     KIND: ClassVar = FrameKind.HEALTH
     problem: str | None  # why the store cannot commit; None: it commits
+    poller: str  # the poller's state (`ServerState.poller`)
 
     def to_wire(self) -> RawFrame:
-        return [self.KIND, self.problem]
+        return [self.KIND, self.problem, self.poller]
 
     @classmethod
     def from_wire(cls, frame: RawFrame) -> Self:
-        _, problem = frame
-        return cls(None if problem is None else _of(str, problem))
+        _, problem, poller = frame
+        return cls(None if problem is None else _of(str, problem), _of(str, poller))
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +312,9 @@ def decode_settings(frame: RawFrame) -> SettingsFrame:
     return _decoded(SettingsFrame.from_wire, frame)
 
 
-def health_from_wire(frame: RawFrame) -> str | None:
-    """A `health` frame's reason (None: the store commits); LinkBroken if malformed."""
-    return _decoded(HealthFrame.from_wire, frame).problem
+def health_from_wire(frame: RawFrame) -> HealthFrame:
+    """A `health` frame, checked; LinkBroken if malformed."""
+    return _decoded(HealthFrame.from_wire, frame)
 
 
 def _decode(frame: RawFrame, kinds: Mapping[str, Callable[[RawFrame], _T]], reader: str) -> _T:

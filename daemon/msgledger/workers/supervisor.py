@@ -338,15 +338,17 @@ async def _enqueue_all(journal: JournalClient, events: list[tuple[int, Event]]) 
 
 
 async def _send_health(link: Link, state: ServerState, link_ended: trio.Event) -> None:
-    """Tell the front whether the store commits: at once if it does not (a front assumes
-    it does), then at every change, until the link ends."""
-    told: str | None = None
+    """Tell the front whether the store commits and how the poller is: at once (a front
+    assumes a store that commits and no poller), then at every change, until the link
+    ends."""
+    told: HealthFrame | None = None
     while not link_ended.is_set():
-        changed = state.store_changed  # before reading: a change while sending is not missed
-        if state.store_problem != told:
-            told = state.store_problem
+        changed = state.health_changed  # before reading: a change while sending is not missed
+        now = HealthFrame(state.store_problem, state.poller)
+        if now != told:
+            told = now
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await link.send(HealthFrame(told))
+                await link.send(now)
         await _either(changed, link_ended)
 
 
