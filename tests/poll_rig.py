@@ -19,7 +19,7 @@ import base64
 import datetime as dt
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,12 +37,13 @@ from msgledger.events import Ack, Event, Submission
 from msgledger.journal import INTAKE_BUFFER, run_journal
 from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
+from msgledger.pacing import Fetch
 from msgledger.poller import PollerConfig, PollerDeps, run_poller
 from msgledger.sim import SimKnobs, Simulator, open_simulator
 from msgledger.sim._app import handle_api
 from msgledger.sim._http import Request
 from msgledger.store_reads import StoreReads
-from msgledger.twilio_api import FetchOutcome, fetch_error, fetched
+from msgledger.twilio_api import Fetched, FetchOutcome, fetch_error, fetched
 
 from .conftest import ACCOUNT_SID, AUTH_TOKEN
 
@@ -52,7 +53,7 @@ HOUR = 3600.0
 DAY = 24 * HOUR
 ACK_TIMEOUT = 10 * 365 * DAY  # virtual: nothing here must ever time out
 CONFIG = PollerConfig(overdue_after=12 * HOUR, give_up_after=7 * DAY, interval=300.0,
-                      concurrency=4)
+                      concurrency=4, backlog_every=3600.0)
 
 
 async def inline(fn: Callable[[], T], *, limiter: trio.CapacityLimiter | None = None) -> T:
@@ -75,21 +76,37 @@ def iso(moment: dt.datetime) -> str:
 
 
 def sim_fetch(sim: Simulator, account: str = ACCOUNT_SID,
-              token: str = AUTH_TOKEN) -> Callable[[str], Any]:
+              token: str = AUTH_TOKEN) -> Callable[[str], Awaitable[FetchOutcome]]:
     """A fetch by SID answered by the simulator in-process, read as the client reads it."""
+    ask = _asker(sim, account, token)
+    return lambda sid: ask(f"Messages/{quote(sid, safe='')}.json")
+
+
+def sim_probe(sim: Simulator, account: str = ACCOUNT_SID,
+              token: str = AUTH_TOKEN) -> Callable[[], Awaitable[FetchOutcome]]:
+    """`TwilioApi.check_credentials`, answered by the simulator in-process."""
+    ask = _asker(sim, account, token)
+    return lambda: ask(None)
+
+
+def _asker(sim: Simulator, account: str,
+           token: str) -> Callable[[str | None], Awaitable[FetchOutcome]]:
     version = Client(account, token).api.v2010
     basic = base64.b64encode(f"{account}:{token}".encode()).decode()
 
-    async def fetch(sid: str) -> FetchOutcome:
-        target = f"/2010-04-01/Accounts/{account}/Messages/{quote(sid, safe='')}.json"
-        answer = await handle_api(sim, Request("GET", target, {"authorization": f"Basic {basic}"},
-                                               b""))
+    async def ask(under_account: str | None) -> FetchOutcome:
+        target = f"/2010-04-01/Accounts/{account}" + (f"/{under_account}" if under_account
+                                                      else ".json")
+        answer = await handle_api(sim, Request("GET", target,
+                                               {"authorization": f"Basic {basic}"}, b""))
         payload = json.loads(answer.body)
-        if answer.status == 200:
-            return fetched(MessageInstance(version, payload, account))
-        return fetch_error(answer.status, payload.get("code"), str(payload.get("message")))
+        if answer.status != 200:
+            return fetch_error(answer.status, payload.get("code"), str(payload.get("message")))
+        if under_account is None:
+            return Fetched(200, {"sid": payload["sid"], "status": payload["status"]})
+        return fetched(MessageInstance(version, payload, account))
 
-    return fetch
+    return ask
 
 
 @dataclass
@@ -100,6 +117,7 @@ class Rig:
     sim: Simulator
     client: JournalClient
     metrics: Metrics
+    fetch: Fetch | None = None  # Twilio's answers, if not the simulator's (see `open_rig`)
     states: list[str] = field(default_factory=list)
     stop: trio.Event = field(default_factory=trio.Event)
 
@@ -130,9 +148,12 @@ class Rig:
 
 @asynccontextmanager
 async def open_rig(path: Path, *, config: PollerConfig = CONFIG, start: bool = True,
-                   sim: Simulator | None = None, **knobs: Any) -> AsyncIterator[Rig]:
+                   sim: Simulator | None = None, fetch: Fetch | None = None,
+                   **knobs: Any) -> AsyncIterator[Rig]:
     """The journal on `path`, a simulator (or `sim`), and the poller (unless `start` is
-    false: `start_poller` then starts it). Everything ends with the block."""
+    false: `start_poller` then starts it), fetching from the simulator unless `fetch` is
+    given (a Twilio that answers what the simulator never would). Everything ends with the
+    block."""
     writer = store.JournalWriter.open(str(path))
     deadlines = AckDeadlines(ACK_TIMEOUT)
     intake, inbox = trio.open_memory_channel[Submission](INTAKE_BUFFER)
@@ -144,7 +165,7 @@ async def open_rig(path: Path, *, config: PollerConfig = CONFIG, start: bool = T
                 await services.start(partial(run_journal, inbox, writer=writer, metrics=metrics,
                                              run_sync=inline))
                 with JournalClient(intake, deadlines) as client:
-                    rig = Rig(path, simulator, client.clone(), metrics)
+                    rig = Rig(path, simulator, client.clone(), metrics, fetch=fetch)
                     with rig.client:
                         if start:
                             await start_poller(services, rig, config)
@@ -155,12 +176,16 @@ async def open_rig(path: Path, *, config: PollerConfig = CONFIG, start: bool = T
         writer.close()
 
 
-async def start_poller(nursery: trio.Nursery, rig: Rig, config: PollerConfig = CONFIG) -> None:
-    deps = PollerDeps(journal=rig.client.clone(), fetch=sim_fetch(rig.sim),
-                      reads=StoreReads(str(rig.path), run_sync=inline),
+async def start_poller(nursery: trio.Nursery, rig: Rig, config: PollerConfig = CONFIG, *,
+                       reads_from: Path | None = None) -> None:
+    """The poller on `rig`; its store reads go to `reads_from` if given (an unreadable
+    store, say)."""
+    deps = PollerDeps(journal=rig.client.clone(), fetch=rig.fetch or sim_fetch(rig.sim),
+                      probe=sim_probe(rig.sim),
+                      reads=StoreReads(str(reads_from or rig.path), run_sync=inline),
                       metrics=rig.metrics.poller, report=rig.states.append, clock=virtual_now,
                       rng=random.Random(5))
-    await nursery.start(partial(run_poller, config, deps, rig.stop))
+    await nursery.start(partial(run_poller, rig.stop, config=config, deps=deps))
 
 
 @asynccontextmanager

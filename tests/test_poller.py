@@ -8,13 +8,18 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
+from twilio.rest import Client
+from twilio.rest.api.v2010.account.message import MessageInstance
 
 from msgledger import store
 from msgledger.events import Event
 from msgledger.metrics import Metrics
 from msgledger.pacing import PROBE_EVERY, RUNNING, Window
+from msgledger.twilio_api import FetchOutcome, Throttled, fetched
 
+from .conftest import ACCOUNT_SID, AUTH_TOKEN
 from .poll_rig import (
     CONFIG,
     DAY,
@@ -23,6 +28,7 @@ from .poll_rig import (
     age_of,
     iso,
     open_rig,
+    sim_fetch,
     start_poller,
     until,
     virtual_at,
@@ -34,7 +40,7 @@ INTERVAL = CONFIG.interval
 SLACK = INTERVAL + 60.0  # a poll comes at most one pass (plus its own time) after it is due
 
 
-def fetched(rig: Rig) -> int:
+def fetches(rig: Rig) -> int:
     return rig.sim.stats.fetches
 
 
@@ -46,7 +52,7 @@ async def test_a_message_is_polled_after_overdue_after_and_not_before(
         sent_at = trio.current_time()
         sid = await rig.sent(status="delivered")
         await trio.sleep_until(sent_at + CONFIG.overdue_after - 1)
-        assert fetched(rig) == 0
+        assert fetches(rig) == 0
         assert rig.record(sid)["status"] == "queued"
         await until(lambda: rig.record(sid)["status"] == "delivered")
         (poll,) = rig.polls_of(sid)
@@ -55,7 +61,7 @@ async def test_a_message_is_polled_after_overdue_after_and_not_before(
     assert "next_poll_at" not in poll["data"]  # final: nothing more to ask
     assert {"status", "error_code", "error_message", "date_sent", "date_updated", "price",
             "price_unit", "num_segments"} <= set(poll["data"])
-    assert fetched(rig) == 1
+    assert fetches(rig) == 1
 
 
 async def test_a_final_message_is_never_polled(tmp_path: Path,
@@ -69,7 +75,7 @@ async def test_a_final_message_is_never_polled(tmp_path: Path,
                        status="outcome_unknown", data={})
         await rig.journal(no_sid)  # no SID: the reconciler's, never the poller's
         await trio.sleep(3 * DAY)
-        assert fetched(rig) == 0
+        assert fetches(rig) == 0
 
 
 async def test_the_backoff_schedule_then_giving_up(tmp_path: Path,
@@ -92,10 +98,11 @@ async def test_the_backoff_schedule_then_giving_up(tmp_path: Path,
     for age, due in zip(ages, expected, strict=True):
         assert due <= age <= due + SLACK
     nexts = [p["data"].get("next_poll_at") for p in polls]
-    assert nexts == [iso(virtual_at(sent_at + due)) for due in expected[1:]] + [None]
+    # the last poll sets its own time: due again at once should its give-up be lost
+    assert nexts == [iso(virtual_at(sent_at + due)) for due in expected[1:]] + [polls[-1]["at"]]
     assert [h["kind"] for h in record["history"]][-2:] == ["polled", "poll_gave_up"]
     assert record["polls"] == 5 and record["status"] == "sent"
-    assert fetched(rig) == 5
+    assert fetches(rig) == 5
     assert "unconfirmed" not in settled["flags"] and settled["status"] == "delivered"
 
 
@@ -166,7 +173,8 @@ async def test_refused_credentials_pause_the_poller_until_a_retry_succeeds(
     assert paused.startswith("paused: Twilio refuses the credentials (HTTP 401")
     assert paused_gauge == 1
     assert 9 <= probes <= 11  # one a minute
-    assert rig.states[-1] == RUNNING and rig.metrics.poller.paused._value.get() == 0
+    assert rig.states == [RUNNING, paused, RUNNING]  # reported, once each
+    assert rig.metrics.poller.paused._value.get() == 0
 
 
 async def test_a_restart_resumes_the_schedule_from_the_store(
@@ -215,3 +223,94 @@ async def test_one_burst_of_overload_halves_the_window_once(
     assert window.size == 2
     window.succeeded()
     assert window.size == 3
+
+
+async def test_an_unreadable_store_fails_the_pass_not_the_poller(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A store the poller cannot read (here: its reads go to a file that is not there)
+    fails each pass with one `poll_pass_failed` line; the poller lives on."""
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        with structlog.testing.capture_logs() as logged:
+            async with trio.open_nursery() as nursery:
+                await start_poller(nursery, rig, reads_from=tmp_path / "gone.db")
+                await trio.sleep(3 * INTERVAL)
+                rig.stop.set()
+    failed = [line for line in logged if line["event"] == "poll_pass_failed"]
+    assert len(failed) >= 3 and "unable to open" in failed[0]["error"]
+    assert any(line["event"] == "backlog_unreadable" for line in logged)
+    assert rig.states == [RUNNING]
+
+
+async def test_answers_the_client_cannot_read_are_journaled_not_retried(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A Twilio answer of the wrong shape (a status that is a list) is journaled as an
+    answer with its error, and its schedule moves on; the other messages are polled as
+    ever, and the poller lives on."""
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        odd = await rig.sent(status="delivered")
+        fine = await rig.sent(status="delivered")
+        version = Client(ACCOUNT_SID, AUTH_TOKEN).api.v2010
+        simulated = sim_fetch(rig.sim)
+
+        async def twilio(sid: str) -> FetchOutcome:
+            if sid == odd:
+                return fetched(MessageInstance(version, {"sid": sid, "status": ["x"]},
+                                               ACCOUNT_SID))
+            return await simulated(sid)
+
+        rig.fetch = twilio
+        async with trio.open_nursery() as nursery:
+            await start_poller(nursery, rig)
+            await until(lambda: bool(rig.polls_of(odd)) and bool(rig.polls_of(fine)))
+            rig.stop.set()
+    (poll,) = rig.polls_of(odd)
+    assert poll["data"]["error_message"].startswith("unreadable answer: status ['x']")
+    assert "status" not in poll and poll["data"]["next_poll_at"]
+    assert rig.record(fine)["status"] == "delivered"
+
+
+async def test_a_message_refused_pass_after_pass_moves_on(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """A message Twilio answers 503 for every time, while it answers the account: after
+    three passes its refusal is journaled as its answer and its schedule moves on, instead
+    of its being retried for ever."""
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        stuck = await rig.sent(status="delivered")
+        simulated = sim_fetch(rig.sim)
+
+        async def twilio(sid: str) -> FetchOutcome:
+            if sid == stuck:
+                return Throttled("server error (HTTP 503): busy", 503)
+            return await simulated(sid)
+
+        rig.fetch = twilio
+        async with trio.open_nursery() as nursery:
+            await start_poller(nursery, rig)
+            await until(lambda: bool(rig.polls_of(stuck)))
+            polled_at = trio.current_time()
+            rig.stop.set()
+    (poll,) = rig.polls_of(stuck)
+    assert poll["data"]["http_status"] == 503
+    assert poll["data"]["error_message"].startswith("refused 3 passes in a row")
+    assert CONFIG.overdue_after + 2 * INTERVAL <= polled_at
+    assert poll["data"]["next_poll_at"] == iso(virtual_at(24 * HOUR))
+
+
+async def test_a_give_up_whose_flag_was_lost_is_given_up_again(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """The last poll and its `poll_gave_up` are two events: should only the poll be
+    journaled (a shutdown between them), the message is due again at once, and the next
+    pass gives up on it, instead of leaving it neither polled nor flagged."""
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        sid = await rig.sent(status="sent")
+        await trio.sleep(CONFIG.give_up_after + HOUR)
+        now = iso(virtual_now())
+        await rig.journal(Event("polled", "poll", now, sid=sid, status="sent", data={
+            "http_status": 200, "status": "sent", "next_poll_at": now}))
+        async with trio.open_nursery() as nursery:
+            await start_poller(nursery, rig)
+            await until(lambda: "unconfirmed" in rig.record(sid)["flags"])
+            rig.stop.set()
+    record = rig.record(sid)
+    assert [h["kind"] for h in record["history"]][-3:] == ["polled", "polled", "poll_gave_up"]
+    assert record["next_poll_at"] is None  # the poller is done with it

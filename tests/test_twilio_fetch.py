@@ -174,13 +174,30 @@ async def test_unparsable_error_code_is_none() -> None:
     assert outcome.resource["error_code"] is None
 
 
-async def test_unreadable_200_is_throttled() -> None:
-    """A 200 whose body is not JSON (a proxy's page) is Throttled, not an error of ours."""
+@pytest.mark.parametrize("body", ["<html>hi</html>", "[]", "null", '{"date_sent": 5}',
+                                  '{"status": ["delivered"]}', "[" * 5000 + "]" * 5000],
+                         ids=["html", "list", "null", "date-of-a-number", "status-list",
+                              "deep"])
+async def test_an_unreadable_200_is_an_answer_with_its_error(body: str) -> None:
+    """A 200 the client cannot read (a proxy's page, JSON of the wrong shape, so deep it
+    overflows the parser) is an answer about the message, with why it could not be read:
+    never an exception, and never throttling that would retry it for ever."""
     with trio.fail_after(10):
-        async with fake_twilio(answering(200, "<html>hi</html>", "text/html")) as base_url:
+        async with fake_twilio(answering(200, body)) as base_url:
             outcome = await api_for(base_url).fetch_message(UNKNOWN_SID)
-    assert isinstance(outcome, Throttled) and outcome.http_status is None
-    assert outcome.reason.startswith("unreadable answer")
+    assert isinstance(outcome, Fetched) and outcome.http_status == 200
+    assert outcome.resource == {} and outcome.status is None
+    assert str(outcome.error_message).startswith("unreadable answer")
+
+
+async def test_the_credentials_probe_fetches_the_account(nursery: trio.Nursery) -> None:
+    """`check_credentials` asks for the account itself: taken with the right token, refused
+    (401) with another, whatever any message's own answer would be."""
+    sim = await start_sim(nursery)
+    good = await api_for(sim.base_url).check_credentials()
+    bad = await api_for(sim.base_url, token="wrong-" + "0" * 26).check_credentials()
+    assert good == Fetched(200, {"sid": ACCOUNT_SID, "status": "active"})
+    assert isinstance(bad, CredentialsRefused) and bad.http_status == 401
 
 
 async def test_refused_connection_and_timeout_are_throttled(nursery: trio.Nursery) -> None:

@@ -36,7 +36,12 @@ Source: TypeAlias = Literal["api", "callback", "poll", "reconcile", "debugger", 
 
 def utc_now() -> str:
     """The current time as the journal writes it: ISO 8601, UTC, microseconds."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    return iso_utc(dt.datetime.now(dt.UTC))
+
+
+def iso_utc(moment: dt.datetime) -> str:
+    """`moment` (aware) as the journal writes times: ISO 8601, UTC, microseconds."""
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True, slots=True)

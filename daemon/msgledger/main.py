@@ -123,10 +123,10 @@ def _ready(settings: Settings, state: ServerState, url: str, admin_url: str | No
 def _poller(settings: Settings, state: ServerState, metrics: Metrics, journal: JournalClient,
             api: TwilioApi, stop: trio.Event) -> partial[Coroutine[Any, Any, None]]:
     """The poller, ready to start; it journals through `journal` and closes it at its end."""
-    deps = PollerDeps(journal=journal, fetch=api.fetch_message,
+    deps = PollerDeps(journal=journal, fetch=api.fetch_message, probe=api.check_credentials,
                       reads=StoreReads(settings.store_path), metrics=metrics.poller,
                       report=state.report_poller)
-    return partial(run_poller, PollerConfig.from_settings(settings), deps, stop)
+    return partial(run_poller, stop, config=PollerConfig.from_settings(settings), deps=deps)
 
 
 def _router(settings: Settings, state: ServerState, metrics: Metrics,

@@ -11,9 +11,12 @@ Three rules (docs/twilio.md, "Rate limits when reading"):
   refused together do not come back together; after `MAX_TRIES` the message waits for the
   next pass.
 - **A pause while the credentials are refused** (401, 403): every fetch would fail the same
-  way, so all stop. The first worker to meet the refusal probes once a minute with the same
-  fetch, logging one error each time, and the poller resumes as soon as a probe is answered.
-  The pause is reported (`report`) for /healthz and the `msgledger_poller_paused` gauge.
+  way, so all stop. The first worker to meet the refusal probes once a minute by fetching
+  the account itself (`probe`: a refusal about one message must not stop them all),
+  logging one error each time, and the poller resumes as soon as a probe is answered. A
+  message refused again once the probe passed was refused for itself: that refusal is its
+  answer. The pause is reported (`report`) for /healthz and the `msgledger_poller_paused`
+  gauge.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .twilio_api import CredentialsRefused, Fetched, FetchOutcome, Throttled
 log = get_logger("msgledger.poller")
 
 Fetch = Callable[[str], Awaitable[FetchOutcome]]  # one fetch by SID (`TwilioApi.fetch_message`)
+Probe = Callable[[], Awaitable[FetchOutcome]]  # the credentials alone (`check_credentials`)
 Report = Callable[[str], None]  # the poller's state for /healthz: "running" or "paused: ..."
 
 MAX_TRIES = 8  # throttled fetches of one message per pass; then it waits for the next pass
@@ -86,37 +90,49 @@ class Pacer:
     """The poller's one way to fetch: paced by the window, backed off, paused while the
     credentials are refused."""
 
-    def __init__(self, fetch: Fetch, *, concurrency: int, metrics: PollerMetrics,
-                 report: Report, rng: random.Random) -> None:
+    def __init__(self, fetch: Fetch, probe: Probe, *, concurrency: int,
+                 metrics: PollerMetrics, report: Report, rng: random.Random) -> None:
         self._fetch = fetch
+        self._probe = probe
         self._window = Window(concurrency, metrics)
         self._metrics = metrics
         self._report = report
         self._rng = rng
         self._paused: str | None = None  # why, while the credentials are refused
         self._resumed = trio.Event()
+        self._resumed_at = -math.inf  # Trio time of the last resume
         report(RUNNING)
 
-    async def fetch(self, sid: str) -> Fetched | None:
-        """Twilio's answer about `sid`; None if it stayed throttled for MAX_TRIES tries."""
-        tries = 0
+    async def fetch(self, sid: str) -> Fetched | Throttled:
+        """Twilio's answer about `sid`, or the last refusal if it stayed throttled for
+        MAX_TRIES tries (the message waits for the next pass)."""
+        tries, probed, last = 0, False, Throttled("not tried")
         while tries < MAX_TRIES:
             if self._paused is not None:
                 await self._resumed.wait()
-            outcome = await self._once(sid)
+            outcome, issued_at = await self._once(self._fetch, sid)
             if isinstance(outcome, Fetched):
                 return outcome
             if isinstance(outcome, Throttled):
-                tries += 1
+                tries, last = tries + 1, outcome
                 await trio.sleep(self._backoff(tries))
-            else:
-                await self._stand_by(sid, outcome)
-        return None
+            elif probed:  # the credentials passed the probe: this message is refused itself
+                return Fetched(outcome.http_status, {}, outcome.error_code, outcome.message)
+            elif issued_at >= self._resumed_at:  # else issued before the last resume: retry
+                probed = await self._stand_by()
+        return last
 
-    async def _once(self, sid: str) -> FetchOutcome:
+    async def twilio_answers(self) -> bool:
+        """Whether Twilio answers the credentials probe now (not throttled, not refused):
+        if so, a message throttled pass after pass is refused for itself."""
+        probe, _ = await self._once(self._probe)
+        return isinstance(probe, Fetched)
+
+    async def _once(self, fetch: Callable[..., Awaitable[FetchOutcome]],
+                    *args: str) -> tuple[FetchOutcome, float]:
         async with self._window.slot() as issued_at:
             started = time.perf_counter()
-            outcome = await self._fetch(sid)
+            outcome = await fetch(*args)
             self._metrics.fetch_seconds.observe(time.perf_counter() - started)
         if isinstance(outcome, Throttled):
             self._metrics.polls.labels("throttled").inc()
@@ -125,30 +141,35 @@ class Pacer:
             self._metrics.polls.labels("refused").inc()
         else:
             self._window.succeeded()
-        return outcome
+        return outcome, issued_at
 
     def _backoff(self, tries: int) -> float:
         return self._rng.uniform(0, min(BACKOFF_MOST, BACKOFF_FIRST * 2 ** (tries - 1)))
 
-    async def _stand_by(self, sid: str, refused: CredentialsRefused) -> None:
-        """Pause, and probe with `sid` until Twilio answers otherwise; or, if another worker
-        already probes, wait for it to resume."""
+    async def _stand_by(self) -> bool:
+        """After a refusal: probe the credentials at once. Taken: the refusal was about the
+        message (True). Refused: pause, and probe once a minute until Twilio takes them. If
+        another worker already probes, wait for its resume instead (False)."""
         if self._paused is not None:
             await self._resumed.wait()
-            return
-        self._pause(refused)
+            return False
+        probe, _ = await self._once(self._probe)
+        if not isinstance(probe, CredentialsRefused):
+            return True
+        if self._paused is not None:  # another worker's probe paused first: it probes on
+            await self._resumed.wait()
+            return False
+        self._pause(probe)
         paused_at = trio.current_time()
-        while True:
-            log.error("poller_paused", reason=self._paused, http_status=refused.http_status,
-                      error_code=refused.error_code, retry_in=PROBE_EVERY)
+        while isinstance(probe, CredentialsRefused):
+            log.error("poller_paused", reason=self._paused, http_status=probe.http_status,
+                      error_code=probe.error_code, retry_in=PROBE_EVERY)
             await trio.sleep(PROBE_EVERY)
-            probe = await self._once(sid)  # its answer is fetched again once resumed
-            if not isinstance(probe, CredentialsRefused):
-                break
-            refused = probe
+            probe, _ = await self._once(self._probe)
         self._resume(trio.current_time() - paused_at)
+        return True
 
-    def _pause(self, refused: CredentialsRefused) -> None:
+    def _pause(self, refused: CredentialsRefused) -> None:  # refused: the probe's answer
         self._paused = (f"paused: Twilio refuses the credentials (HTTP {refused.http_status}"
                         f", code {refused.error_code}: {refused.message})")
         self._resumed = trio.Event()
@@ -158,6 +179,7 @@ class Pacer:
     def _resume(self, paused_for: float) -> None:
         log.info("poller_resumed", paused_seconds=round(paused_for, 3))
         self._paused = None
+        self._resumed_at = trio.current_time()
         self._resumed.set()
         self._metrics.paused.set(0)
         self._report(RUNNING)

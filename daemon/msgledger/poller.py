@@ -23,26 +23,26 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import store
-from .events import Event, JournalUnavailable
+from .events import Event, JournalUnavailable, iso_utc
 from .journal_client import JournalClient
 from .logs import get_logger
 from .metrics import PollerMetrics
-from .pacing import Fetch, Pacer, Report
+from .pacing import Fetch, Pacer, Probe, Report
 from .settings import Settings
 from .store_reads import StoreReads, StoreUnreadable
-from .twilio_api import Fetched
+from .twilio_api import Fetched, Throttled
 
 log = get_logger("msgledger.poller")
 
 PAGE = 500  # due messages read per query: a few ms of SQLite, minutes of fetching at most
-BACKLOG_EVERY = 30.0  # seconds: how often a long pass refreshes the overdue gauges
+DEFER_PASSES = 3  # passes in a row a message may stay throttled while Twilio answers others
 Clock = Callable[[], dt.datetime]  # the wall clock the schedule reads (UTC)
 
 
@@ -56,6 +56,7 @@ class PollerConfig:
     give_up_after: float  # seconds of age after which a message is given up on
     interval: float  # seconds between passes
     concurrency: int  # fetches in flight at most
+    backlog_every: float = 30.0  # seconds between refreshes of the overdue gauges
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PollerConfig:
@@ -87,6 +88,7 @@ class PassTally:
     flagged: int = 0  # 404s and give-ups
     deferred: int = 0  # still throttled after every try: due again next pass
     not_journaled: int = 0  # answered, but the journal could not keep it: due again
+    failed: bool = False  # the store could not be read: the pass ended there
     started: float = field(default_factory=time.perf_counter)
 
     def fields(self) -> dict[str, Any]:
@@ -100,27 +102,27 @@ class PassTally:
 class PollerDeps:
     journal: JournalClient  # closed when the poller ends
     fetch: Fetch
+    probe: Probe  # the credentials alone, while paused
     reads: StoreReads
     metrics: PollerMetrics
-    report: Report  # "running" or "paused: ..." for /healthz
+    report: Report  # "running" or "paused: ..." for /healthz (which says "draining" at the end)
     clock: Clock = wall_clock
     rng: random.Random = field(default_factory=random.Random)
 
 
-async def run_poller(config: PollerConfig, deps: PollerDeps, stop: trio.Event, *,
+async def run_poller(stop: trio.Event, *, config: PollerConfig, deps: PollerDeps,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a pass every `config.interval` until `stop` is set."""
+    """Run a pass every `config.interval`, and keep the overdue gauges fresh, until `stop`
+    is set."""
     with deps.journal:
         poller = _Poller(config, deps)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when, stop, nursery.cancel_scope)
+            nursery.start_soon(poller.watch_backlog)
             task_status.started()
             while True:
                 started = trio.current_time()
-                try:
-                    await poller.run_pass()
-                except StoreUnreadable as error:  # the next pass tries again
-                    log.error("poll_pass_failed", error=str(error))
+                await poller.run_pass()
                 await trio.sleep_until(started + config.interval)
 
 
@@ -133,30 +135,45 @@ class _Poller:
     def __init__(self, config: PollerConfig, deps: PollerDeps) -> None:
         self._config = config
         self._deps = deps
-        self._pacer = Pacer(deps.fetch, concurrency=config.concurrency, metrics=deps.metrics,
-                            report=deps.report, rng=deps.rng)
-        self._backlog_at = -BACKLOG_EVERY  # Trio time the gauges were last refreshed
+        self._pacer = Pacer(deps.fetch, deps.probe, concurrency=config.concurrency,
+                            metrics=deps.metrics, report=deps.report, rng=deps.rng)
+        self._deferred: dict[str, int] = {}  # SID -> passes in a row it stayed throttled
 
     async def run_pass(self) -> PassTally:
-        """Poll every message due now; log what the pass did."""
+        """Poll every message due now; log what the pass did. A store that cannot be read
+        fails this pass only (`failed`): the next one tries again."""
         now, tally = self._deps.clock(), PassTally()
-        await self._refresh_backlog(now)
+        # A few places per worker: the next page is read while the workers fetch.
         send, receive = trio.open_memory_channel[store.DueMessage](self._config.concurrency)
-        async with trio.open_nursery() as workers:
-            for _ in range(self._config.concurrency):
-                workers.start_soon(self._work, receive.clone(), tally)
-            receive.close()
-            with send:
-                await self._dispatch(now, send, tally)
-        await self._refresh_backlog(self._deps.clock(), force=True)
-        log.info("poll_pass", **tally.fields())
+        try:
+            async with trio.open_nursery() as workers:
+                for _ in range(self._config.concurrency):
+                    workers.start_soon(self._work, receive.clone(), tally)
+                receive.close()
+                with send:
+                    await self._dispatch(now, send, tally)
+        except* StoreUnreadable as failed:
+            log.error("poll_pass_failed", error=str(failed.exceptions[0]), **tally.fields())
+            tally.failed = True
+        if not tally.failed:
+            log.info("poll_pass", **tally.fields())
         return tally
+
+    async def watch_backlog(self) -> None:
+        """Refresh the overdue gauges every `backlog_every`, passes or no passes (a paused
+        poller is when they matter most)."""
+        while True:
+            try:
+                await self._refresh_backlog(self._deps.clock())
+            except StoreUnreadable as error:
+                log.error("backlog_unreadable", error=str(error))
+            await trio.sleep(self._config.backlog_every)
 
     async def _dispatch(self, now: dt.datetime, send: trio.MemorySendChannel[store.DueMessage],
                         tally: PassTally) -> None:
         """Send every due message, page by page: first the never polled, then the rest."""
-        lists = ((store.first_polls, _iso(now - self._overdue_after)),
-                 (store.repolls, _iso(now)))
+        lists = ((store.first_polls, iso_utc(now - self._overdue_after)),
+                 (store.repolls, iso_utc(now)))
         for read_list, bound in lists:
             after = store.NO_CURSOR
             while page := await self._deps.reads.run(read_list, bound, after, PAGE):
@@ -164,7 +181,6 @@ class _Poller:
                 for due in page:
                     await send.send(due)
                 after = page[-1].cursor
-                await self._refresh_backlog(self._deps.clock())
 
     async def _work(self, receive: trio.MemoryReceiveChannel[store.DueMessage],
                     tally: PassTally) -> None:
@@ -173,54 +189,69 @@ class _Poller:
                 await self._poll(due, tally)
 
     async def _poll(self, due: store.DueMessage, tally: PassTally) -> None:
-        answer = await self._pacer.fetch(due.sid)
+        answer = await self._answer_or_defer(due, await self._pacer.fetch(due.sid), tally)
         if answer is None:
-            tally.deferred += 1
             return
-        events = self._events(due, answer, self._deps.clock())
-        replies = [await self._deps.journal.enqueue(event) for event in events]
-        acks = [await reply.wait() for reply in replies]
-        if any(isinstance(ack, JournalUnavailable) for ack in acks):
-            log.warning("poll_not_journaled", sid=due.sid, error=str(acks[0]))
+        now = self._deps.clock()
+        final = answer.status in store.FINAL
+        again = None if final else next_poll(self._config, _parsed(due.poll_from), now)
+        # The last poll sets its own time: should its poll_gave_up not be journaled, the
+        # message is due again at once, and the next pass gives up again.
+        polled = polled_event(due.sid, answer, now, None if final else again or now)
+        if not await self._journaled(due, polled, tally):
+            return
+        self._count(due, answer, tally)
+        if not final and again is None:
+            await self._give_up(due, now, tally)
+
+    async def _answer_or_defer(self, due: store.DueMessage, answer: Fetched | Throttled,
+                               tally: PassTally) -> Fetched | None:
+        """The answer to journal, or None to leave the message for the next pass. A message
+        throttled pass after pass while Twilio answers the account is refused for itself:
+        its last refusal becomes its answer, so its schedule moves on."""
+        if isinstance(answer, Fetched):
+            self._deferred.pop(due.sid, None)
+            return answer
+        passes = self._deferred[due.sid] = self._deferred.get(due.sid, 0) + 1
+        if passes < DEFER_PASSES or not await self._pacer.twilio_answers():
+            tally.deferred += 1
+            return None
+        del self._deferred[due.sid]
+        return Fetched(answer.http_status or 0, {}, None, f"refused {passes} passes in a row:"
+                       f" {answer.reason}"[:300])
+
+    async def _journaled(self, due: store.DueMessage, event: Event, tally: PassTally) -> bool:
+        ack = await self._deps.journal.journal(event)
+        if isinstance(ack, JournalUnavailable):
+            log.warning("poll_not_journaled", sid=due.sid, kind=event.kind, error=str(ack))
             self._deps.metrics.polls.labels("not_journaled").inc()
             tally.not_journaled += 1
-            return
-        self._count(due, answer, events, tally)
+            return False
+        return True
 
-    def _events(self, due: store.DueMessage, answer: Fetched, now: dt.datetime) -> list[Event]:
-        status = answer.resource.get("status") if answer.http_status == 200 else None
-        if status in store.FINAL:
-            return [polled_event(due.sid, answer, now, None)]
-        again = next_poll(self._config, dt.datetime.fromisoformat(due.poll_from), now)
-        events = [polled_event(due.sid, answer, now, again)]
-        if again is None:
-            events.append(Event("poll_gave_up", "poll", _iso(now), sid=due.sid, data={
-                "polls": due.polls + 1, "poll_from": due.poll_from,
-                "give_up_after": self._config.give_up_after}))
-        return events
-
-    def _count(self, due: store.DueMessage, answer: Fetched, events: Sequence[Event],
-               tally: PassTally) -> None:
-        tally.polled += 1
-        status = events[0].status
-        outcome = ("not_found" if answer.http_status == 404
-                   else "error" if answer.http_status != 200
-                   else "changed" if status != due.status else "unchanged")
-        self._deps.metrics.polls.labels(outcome).inc()
-        tally.changed += outcome == "changed"
-        tally.flagged += (outcome == "not_found") + (len(events) > 1)
-        if len(events) > 1:
+    async def _give_up(self, due: store.DueMessage, now: dt.datetime, tally: PassTally) -> None:
+        event = Event("poll_gave_up", "poll", iso_utc(now), sid=due.sid, data={
+            "polls": due.polls + 1, "poll_from": due.poll_from,
+            "give_up_after": self._config.give_up_after})
+        if await self._journaled(due, event, tally):
+            tally.flagged += 1
             self._deps.metrics.gave_up.inc()
             log.info("poll_gave_up", sid=due.sid, polls=due.polls + 1, status=due.status)
 
-    async def _refresh_backlog(self, now: dt.datetime, *, force: bool = False) -> None:
-        if not force and trio.current_time() - self._backlog_at < BACKLOG_EVERY:
-            return
-        self._backlog_at = trio.current_time()
+    def _count(self, due: store.DueMessage, answer: Fetched, tally: PassTally) -> None:
+        tally.polled += 1
+        outcome = ("not_found" if answer.http_status == 404
+                   else "error" if answer.status is None
+                   else "changed" if answer.status != due.status else "unchanged")
+        self._deps.metrics.polls.labels(outcome).inc()
+        tally.changed += outcome == "changed"
+        tally.flagged += outcome == "not_found"
+
+    async def _refresh_backlog(self, now: dt.datetime) -> None:
         count, oldest = await self._deps.reads.run(
-            store.poll_backlog, _iso(now - self._overdue_after))
+            store.poll_backlog, iso_utc(now - self._overdue_after))
         self._deps.metrics.overdue.set(count)
-        age = 0.0 if oldest is None else (now - dt.datetime.fromisoformat(oldest)).total_seconds()
+        age = 0.0 if oldest is None else (now - _parsed(oldest)).total_seconds()
         self._deps.metrics.oldest_age.set(max(0.0, age))
 
     @property
@@ -231,17 +262,15 @@ class _Poller:
 def polled_event(sid: str, answer: Fetched, now: dt.datetime,
                  again: dt.datetime | None) -> Event:
     """Twilio's answer as the journal keeps it: its fields verbatim (or its error), and the
-    next poll time the schedule set (none once the status is final or the poller gives up)."""
+    next poll time the schedule set (none once the status is final)."""
     data: dict[str, Any] = {"http_status": answer.http_status, **answer.resource}
-    if answer.http_status != 200:
+    if answer.status is None:
         data.update(error_code=answer.error_code, error_message=answer.error_message)
     if again is not None:
-        data["next_poll_at"] = _iso(again)
-    status = answer.resource.get("status") if answer.http_status == 200 else None
-    return Event("polled", "poll", _iso(now), sid=sid,
-                 status=status if isinstance(status, str) else None, data=data)
+        data["next_poll_at"] = iso_utc(again)
+    return Event("polled", "poll", iso_utc(now), sid=sid, status=answer.status, data=data)
 
 
-def _iso(moment: dt.datetime) -> str:
-    """As the journal writes times: ISO 8601, UTC, microseconds (`events.utc_now`)."""
-    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds")
+def _parsed(moment: str) -> dt.datetime:
+    """A time as the journal wrote it (ISO 8601, UTC) back into a datetime."""
+    return dt.datetime.fromisoformat(moment)

@@ -45,7 +45,7 @@ class StoreReads:
 
         try:
             found: T = await self._run_sync(read, limiter=self._limiter)
-        except sqlite3.OperationalError as error:  # the file, not the query
+        except sqlite3.DatabaseError as error:  # the file (gone, damaged), not the query
             raise StoreUnreadable(str(error)) from error
         return found
 

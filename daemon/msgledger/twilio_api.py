@@ -75,13 +75,19 @@ class Fetched:
     http_status: int
     resource: Mapping[str, Any]  # on 200 the FETCHED_FIELDS, JSON-serialisable; else {}
     error_code: int | None = None  # Twilio's code on a 4xx (20404...)
-    error_message: str | None = None
+    error_message: str | None = None  # Twilio's, or why a 200 could not be read
+
+    @property
+    def status(self) -> str | None:
+        """The message's status, if the answer gave one (a 200 that could be read)."""
+        found = self.resource.get("status")
+        return found if self.http_status == 200 and isinstance(found, str) else None
 
 
 @dataclass(frozen=True)
 class Throttled:
-    """No answer about the message this time: 429, 5xx, a timeout, a connection error or an
-    unreadable answer. Try again later, slower."""
+    """No answer about the message this time: 429, 5xx, a timeout or a connection error.
+    Try again later, slower."""
 
     reason: str
     http_status: int | None = None  # None: no usable HTTP answer
@@ -186,14 +192,43 @@ class TwilioApi:
             return fetch_error(e.status, e.code, str(e.detail or e.title))
         except requests.exceptions.RequestException as e:
             return Throttled(f"{type(e).__name__}: {e}")
-        except ValueError as e:  # a 2xx whose body is not JSON (a proxy's page, a cut answer)
-            return Throttled(f"unreadable answer: {e}")
+        except Exception as e:  # the client could not read a 2xx (see `unreadable`)
+            return unreadable(e)
         return fetched(message)
+
+    async def check_credentials(self) -> FetchOutcome:
+        """Fetch the account itself, once: whether Twilio takes these credentials at all,
+        whatever it thinks of any one message (the poller's probe while paused)."""
+        sid = self._config.account_sid
+        try:
+            account = await self._call(lambda c: c.api.v2010.accounts(sid).fetch(),
+                                       abandon_on_cancel=True)
+        except TwilioRestException as e:
+            return fetch_error(e.status, e.code, str(e.msg))
+        except TwilioServiceException as e:
+            return fetch_error(e.status, e.code, str(e.detail or e.title))
+        except requests.exceptions.RequestException as e:
+            return Throttled(f"{type(e).__name__}: {e}")
+        except Exception as e:  # as in fetch_message
+            return unreadable(e)
+        return Fetched(200, {"sid": str(account.sid), "status": str(account.status)})
 
 
 def fetched(message: Any) -> Fetched:
-    """A fetch's 200 answer (the client's MessageInstance) as the poller keeps it."""
-    return Fetched(200, _resource(message, FETCHED_FIELDS))
+    """A fetch's 200 answer (the client's MessageInstance) as the poller keeps it; one whose
+    status is not text is unreadable (Twilio's enum is strings)."""
+    resource = _resource(message, FETCHED_FIELDS)
+    if not isinstance(resource.get("status"), str):
+        return Fetched(200, {}, None, f"unreadable answer: status {resource.get('status')!r:.80}")
+    return Fetched(200, resource)
+
+
+def unreadable(error: Exception) -> Fetched:
+    """A 2xx the client could not read (not JSON, a list, a date of the wrong type: the
+    client's parsing raises ValueError, AttributeError, TypeError, even RecursionError):
+    an answer about the message, journaled as such, so its schedule moves on; not an
+    outage to back off from, which would retry it for ever."""
+    return Fetched(200, {}, None, f"unreadable answer: {type(error).__name__}: {error}"[:300])
 
 
 def _refusal(status: int, code: int | None, message: str) -> CreateOutcome | _Retry:

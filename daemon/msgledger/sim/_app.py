@@ -1,7 +1,8 @@
 """The Messages API over HTTP: Basic auth, the fault knobs, routing, and Twilio's JSON.
 
 Routes (docs/twilio.md, "The Messages API"), all under /2010-04-01/Accounts/{AccountSid}:
-POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch).
+POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch),
+and GET /Accounts/{AccountSid}.json (the account: whether the credentials are taken).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ._wire import API_VERSION, ApiError, message_json
 _PATH = re.compile(
     rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages(?:/(?P<sid>[^/]+))?\.json"
 )
+_ACCOUNT_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)\.json")
 _SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 _JSON = ("Content-Type", "application/json; charset=utf-8")
 _CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
@@ -52,6 +54,9 @@ def _is_fetch(request: Request) -> bool:
 def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     path, _, query = request.target.partition("?")
     _authenticate(knobs, request.headers.get("authorization", ""))
+    account = _ACCOUNT_PATH.fullmatch(path)
+    if account is not None and request.method == "GET":
+        return _account(knobs, account["account"])
     match = _PATH.fullmatch(path)
     if match is None:
         raise _not_found(path)
@@ -68,6 +73,14 @@ def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     if sid is not None and method == "GET":
         return _fetch(sim, knobs, sid, path)
     raise ApiError(405, 20004, "Method not allowed")
+
+
+def _account(knobs: SimKnobs, account: str) -> Response:
+    """GET /Accounts/{Sid}.json: the account these credentials own, and no other."""
+    if account != knobs.account_sid:
+        raise ApiError(401, 20003, "Authenticate")
+    return _json_reply(200, {"sid": account, "status": "active", "type": "Full",
+                             "friendly_name": "msgledger simulator"})
 
 
 def _authenticate(knobs: SimKnobs, header: str) -> None:

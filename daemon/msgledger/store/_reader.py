@@ -37,6 +37,7 @@ class _MessageRow(NamedTuple):
     sent_at: str | None
     polls: int
     next_poll_at: str | None
+    poll_from: str | None
 
 
 class _HistoryRow(NamedTuple):
@@ -62,7 +63,10 @@ def _record(row: _MessageRow) -> Record:
         "error_code": row.error_code, "final": row.status in SETTLED, "body": row.body,
         "body_sha256": row.body_sha256, "flags": json.loads(row.flags),
         "created_at": row.created_at, "updated_at": row.updated_at, "sent_at": row.sent_at,
-        "polls": row.polls, "next_poll_at": row.next_poll_at, "history": [],
+        # The next poll, while there is one: the poller is done with a final or
+        # `unconfirmed` message, whatever time its last answer set.
+        "polls": row.polls, "next_poll_at": row.next_poll_at if row.poll_from else None,
+        "history": [],
     }
 
 
