@@ -19,7 +19,7 @@ _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Twilio fetch latency (seconds): tens of ms from a nearby region, a second is slow, and the
 # client gives up at twilio.timeout (15 s by default).
-_FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
+_FETCH_BUCKETS = (0.01, 0.025, 0.04, 0.05, 0.06, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 
 TallyKey = tuple[str, tuple[tuple[str, str], ...]]  # a counter's name, its labels sorted
 

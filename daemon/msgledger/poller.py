@@ -4,15 +4,18 @@ its callback may be lost (docs/design.md, "The overdue poller").
 Every `poller.interval` a pass runs: a scheduler reads the due messages from the store's
 two work lists (`store/_schedule.py`) in pages and sends them into a bounded channel;
 `poller.concurrency` workers take them, fetch each through the `Pacer` (Twilio's limits,
-`pacing.py`) and journal the answer as a `polled` event through the same journal client as
-every other producer. That event carries the next poll time the schedule sets, and the fold
-keeps it in the record: nothing of the schedule lives in memory, so a restart resumes where
-the poller stopped, and `verify`'s replay reproduces it.
+`pacing.py`) and hand the answer to the journal as a `polled` event through the same
+journal client as every other producer, fetching the next while it commits; a collector
+waits for the commits, counts them, and journals `poll_gave_up` after a last poll. Each
+`polled` event carries the next poll time the schedule sets, and the fold keeps it in the
+record: nothing of the schedule lives in memory, so a restart resumes where the poller
+stopped, and `verify`'s replay reproduces it.
 
 The schedule: first at `overdue_after` of age (from `sent_at`, or the first event), then at
 twice that age, four times..., and at `give_up_after` a last time; a message still not final
 then gets `poll_gave_up` and the flag `unconfirmed`, and is polled no more. A throttled fetch
-is not journaled: the message stays due and the next pass takes it again.
+is not journaled: the message stays due and the next pass takes it again (after three
+passes, while Twilio answers the account, its refusal is journaled as its answer).
 
 Ends when `stop` is set, abandoning the pass in progress (a cut-off poll is simply due again
 at the next start), and closes its journal client.
@@ -30,7 +33,7 @@ from typing import Any
 import trio
 
 from . import store
-from .events import Event, JournalUnavailable, iso_utc
+from .events import Ack, Event, JournalUnavailable, Reply, iso_utc
 from .journal_client import JournalClient
 from .logs import get_logger
 from .metrics import PollerMetrics
@@ -98,6 +101,17 @@ class PassTally:
                 "seconds": round(time.perf_counter() - self.started, 3)}
 
 
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    """A journaled answer waiting for its commit (`_Poller._collect`)."""
+
+    due: store.DueMessage
+    answer: Fetched
+    reply: Reply
+    at: dt.datetime
+    give_up: bool  # the last poll: poll_gave_up follows once it is committed
+
+
 @dataclass(frozen=True)
 class PollerDeps:
     journal: JournalClient  # closed when the poller ends
@@ -142,13 +156,17 @@ class _Poller:
     async def run_pass(self) -> PassTally:
         """Poll every message due now; log what the pass did. A store that cannot be read
         fails this pass only (`failed`): the next one tries again."""
-        now, tally = self._deps.clock(), PassTally()
-        # A few places per worker: the next page is read while the workers fetch.
-        send, receive = trio.open_memory_channel[store.DueMessage](self._config.concurrency)
+        now, tally, size = self._deps.clock(), PassTally(), self._config.concurrency
+        # A place per worker in each: the next page is read while the workers fetch, and a
+        # worker fetches its next message while the journal commits its last answer.
+        send, receive = trio.open_memory_channel[store.DueMessage](size)
+        answered, collect = trio.open_memory_channel[_Answered](size)
         try:
             async with trio.open_nursery() as workers:
-                for _ in range(self._config.concurrency):
-                    workers.start_soon(self._work, receive.clone(), tally)
+                workers.start_soon(self._collect, collect, tally)
+                with answered:
+                    for _ in range(size):
+                        workers.start_soon(self._work, receive.clone(), answered.clone(), tally)
                 receive.close()
                 with send:
                     await self._dispatch(now, send, tally)
@@ -183,12 +201,14 @@ class _Poller:
                 after = page[-1].cursor
 
     async def _work(self, receive: trio.MemoryReceiveChannel[store.DueMessage],
-                    tally: PassTally) -> None:
-        with receive:
+                    answered: trio.MemorySendChannel[_Answered], tally: PassTally) -> None:
+        with receive, answered:
             async for due in receive:
-                await self._poll(due, tally)
+                await self._poll(due, answered, tally)
 
-    async def _poll(self, due: store.DueMessage, tally: PassTally) -> None:
+    async def _poll(self, due: store.DueMessage, answered: trio.MemorySendChannel[_Answered],
+                    tally: PassTally) -> None:
+        """Fetch `due` and hand its answer to the journal; `_collect` waits for the commit."""
         answer = await self._answer_or_defer(due, await self._pacer.fetch(due.sid), tally)
         if answer is None:
             return
@@ -198,11 +218,19 @@ class _Poller:
         # The last poll sets its own time: should its poll_gave_up not be journaled, the
         # message is due again at once, and the next pass gives up again.
         polled = polled_event(due.sid, answer, now, None if final else again or now)
-        if not await self._journaled(due, polled, tally):
-            return
-        self._count(due, answer, tally)
-        if not final and again is None:
-            await self._give_up(due, now, tally)
+        reply = await self._deps.journal.enqueue(polled)
+        await answered.send(_Answered(due, answer, reply, now, not final and again is None))
+
+    async def _collect(self, answered: trio.MemoryReceiveChannel[_Answered],
+                       tally: PassTally) -> None:
+        """Wait for each answer's commit, in order; count it, and give up where due."""
+        with answered:
+            async for item in answered:
+                if not self._acked(item.due, "polled", await item.reply.wait(), tally):
+                    continue
+                self._count(item.due, item.answer, tally)
+                if item.give_up:
+                    await self._give_up(item.due, item.at, tally)
 
     async def _answer_or_defer(self, due: store.DueMessage, answer: Fetched | Throttled,
                                tally: PassTally) -> Fetched | None:
@@ -220,10 +248,9 @@ class _Poller:
         return Fetched(answer.http_status or 0, {}, None, f"refused {passes} passes in a row:"
                        f" {answer.reason}"[:300])
 
-    async def _journaled(self, due: store.DueMessage, event: Event, tally: PassTally) -> bool:
-        ack = await self._deps.journal.journal(event)
+    def _acked(self, due: store.DueMessage, kind: str, ack: Ack, tally: PassTally) -> bool:
         if isinstance(ack, JournalUnavailable):
-            log.warning("poll_not_journaled", sid=due.sid, kind=event.kind, error=str(ack))
+            log.warning("poll_not_journaled", sid=due.sid, kind=kind, error=str(ack))
             self._deps.metrics.polls.labels("not_journaled").inc()
             tally.not_journaled += 1
             return False
@@ -233,7 +260,7 @@ class _Poller:
         event = Event("poll_gave_up", "poll", iso_utc(now), sid=due.sid, data={
             "polls": due.polls + 1, "poll_from": due.poll_from,
             "give_up_after": self._config.give_up_after})
-        if await self._journaled(due, event, tally):
+        if self._acked(due, event.kind, await self._deps.journal.journal(event), tally):
             tally.flagged += 1
             self._deps.metrics.gave_up.inc()
             log.info("poll_gave_up", sid=due.sid, polls=due.polls + 1, status=due.status)

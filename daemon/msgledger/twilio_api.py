@@ -145,7 +145,8 @@ class TwilioApi:
 
     async def _call(self, fn: Callable[[Client], T], *, abandon_on_cancel: bool = False) -> T:
         return await trio.to_thread.run_sync(lambda: fn(self._client()), limiter=self._limiter,
-                                             abandon_on_cancel=abandon_on_cancel)
+                                             abandon_on_cancel=abandon_on_cancel,
+                                             thread_name="twilio")  # for top -H and py-spy
 
     async def create_message(self, params: Mapping[str, Any]) -> CreateOutcome:
         """Create a message; retried only while Twilio certainly did not process it."""
