@@ -22,6 +22,7 @@ from msgledger import store
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
 
 from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, Ledger, daemon_environ, open_ledger
+from .fake_twilio import answering
 
 BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
 FAST = (0.001, 0.005)  # seconds between a simulated message's statuses
@@ -155,17 +156,8 @@ async def test_unreachable_twilio_is_recorded_rejected(tmp_path: Path) -> None:
     assert "unreachable" in record["history"][-1]["data"]["error_message"]
 
 
-async def _always_500(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """A Twilio whose every answer is a 500: the request may or may not have been done."""
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-    if scope["type"] == "http":
-        body = b'{"code": 20500, "message": "Internal Server Error", "status": 500}'
-        await send({"type": "http.response.start", "status": 500,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+# A Twilio whose every answer is a 500: the request may or may not have been done.
+_always_500 = answering(500, '{"code": 20500, "message": "Internal Server Error", "status": 500}')
 
 
 async def test_5xx_is_unknown_and_never_retried(tmp_path: Path) -> None:
@@ -193,18 +185,9 @@ async def test_5xx_is_unknown_and_never_retried(tmp_path: Path) -> None:
 def _problem_twilio(status: int) -> Any:
     """A Twilio that answers every request with an RFC 9457 problem body (the twilio
     library then raises TwilioServiceException, not TwilioRestException)."""
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-        if scope["type"] == "http":
-            body = (b'{"type": "https://www.twilio.com/docs/errors/21211", "title": "Invalid'
-                    b' To", "status": %d, "code": 21211, "detail": "not a number"}' % status)
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", b"application/problem+json")]})
-            await send({"type": "http.response.body", "body": body})
-    return app
+    body = ('{"type": "https://www.twilio.com/docs/errors/21211", "title": "Invalid To",'
+            f' "status": {status}, "code": 21211, "detail": "not a number"}}')
+    return answering(status, body, "application/problem+json")
 
 
 async def test_an_rfc9457_refusal_is_recorded_like_any_other(tmp_path: Path) -> None:

@@ -4,17 +4,12 @@ the simulator, a closed port, and tiny hypercorn servers playing a broken Twilio
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
 from msgledger.twilio_api import (
@@ -25,6 +20,8 @@ from msgledger.twilio_api import (
     TwilioApi,
     TwilioConfig,
 )
+
+from .fake_twilio import answering, fake_twilio
 
 ACCOUNT_SID = "AC" + "d4" * 16
 AUTH_TOKEN = "fetch-test-token"
@@ -45,33 +42,6 @@ def api_for(base_url: str, *, token: str = AUTH_TOKEN, timeout: float = 5.0,
     config = TwilioConfig(ACCOUNT_SID, token, base_url=base_url, timeout=timeout,
                           concurrency=concurrency)
     return TwilioApi(config)
-
-
-def answering(status: int, body: str, content_type: str = "application/json") -> Any:
-    """An ASGI Twilio that gives every request the same answer."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-        if scope["type"] == "http":
-            headers = [(b"content-type", content_type.encode())]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body.encode()})
-
-    return app
-
-
-@asynccontextmanager
-async def fake_twilio(app: Any) -> AsyncIterator[str]:
-    """`app` served by hypercorn on 127.0.0.1; yields its base URL."""
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    async with trio.open_nursery() as nursery:
-        [bound] = await nursery.start(partial(serve, app, config))
-        yield bound
-        nursery.cancel_scope.cancel()
 
 
 async def test_found_message_has_the_fetched_fields_as_json(nursery: trio.Nursery) -> None:

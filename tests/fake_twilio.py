@@ -1,0 +1,40 @@
+"""A stand-in Twilio for answers the simulator never gives: any status and body, served
+by hypercorn on 127.0.0.1, for the real `twilio` client to meet."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+
+def answering(status: int, body: str, content_type: str = "application/json") -> Any:
+    """An ASGI Twilio that gives every request the same answer."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] == "http":
+            headers = [(b"content-type", content_type.encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body.encode()})
+
+    return app
+
+
+@asynccontextmanager
+async def fake_twilio(app: Any) -> AsyncIterator[str]:
+    """`app` served by hypercorn on 127.0.0.1; yields its base URL."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    async with trio.open_nursery() as nursery:
+        [bound] = await nursery.start(partial(serve, app, config))
+        yield bound
+        nursery.cancel_scope.cancel()
