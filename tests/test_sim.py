@@ -533,7 +533,8 @@ async def test_whatsapp_message_is_read_after_delivered(
 
 async def test_failures_carry_error_codes(nursery: trio.Nursery, receiver: Receiver) -> None:
     """`failed` and `undelivered` callbacks carry an ErrorCode, and fetch shows the same code."""
-    sim = await start_sim(nursery, outcome_weights=OutcomeWeights(0, 1, 1))
+    # Seeded: unseeded, all eight may draw one outcome (2 x 0.5^8, 1 run in 128), as in CI once.
+    sim = await start_sim(nursery, outcome_weights=OutcomeWeights(0, 1, 1), seed=11)
     client = client_for(sim)
     url = receiver.base_url + "/status"
     with trio.fail_after(10):
