@@ -183,10 +183,20 @@ class TwilioApi:
         """Fetch one message by SID, once; no retries, the caller backs off itself."""
         # Quoted, so a malformed SID stays one path segment and Twilio answers 404 for it.
         quoted = quote(sid, safe="")
+        return await self._read(lambda c: c.messages(quoted).fetch(), fetched)
+
+    async def check_credentials(self) -> FetchOutcome:
+        """Fetch the account itself, once: whether Twilio takes these credentials at all,
+        whatever it thinks of any one message (the poller's probe while paused)."""
+        sid = self._config.account_sid
+        return await self._read(lambda c: c.api.v2010.accounts(sid).fetch(), _account)
+
+    async def _read(self, fetch: Callable[[Client], T],
+                    answer: Callable[[T], Fetched]) -> FetchOutcome:
+        """One GET through the client, its answer or its failure as a FetchOutcome."""
         try:
             # A read: a shutdown need not wait for its answer (up to twilio.timeout).
-            message = await self._call(lambda c: c.messages(quoted).fetch(),
-                                       abandon_on_cancel=True)
+            found = await self._call(fetch, abandon_on_cancel=True)
         except TwilioRestException as e:
             return fetch_error(e.status, e.code, str(e.msg))
         except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
@@ -195,24 +205,7 @@ class TwilioApi:
             return Throttled(f"{type(e).__name__}: {e}")
         except Exception as e:  # the client could not read a 2xx (see `unreadable`)
             return unreadable(e)
-        return fetched(message)
-
-    async def check_credentials(self) -> FetchOutcome:
-        """Fetch the account itself, once: whether Twilio takes these credentials at all,
-        whatever it thinks of any one message (the poller's probe while paused)."""
-        sid = self._config.account_sid
-        try:
-            account = await self._call(lambda c: c.api.v2010.accounts(sid).fetch(),
-                                       abandon_on_cancel=True)
-        except TwilioRestException as e:
-            return fetch_error(e.status, e.code, str(e.msg))
-        except TwilioServiceException as e:
-            return fetch_error(e.status, e.code, str(e.detail or e.title))
-        except requests.exceptions.RequestException as e:
-            return Throttled(f"{type(e).__name__}: {e}")
-        except Exception as e:  # as in fetch_message
-            return unreadable(e)
-        return Fetched(200, {"sid": str(account.sid), "status": str(account.status)})
+        return answer(found)
 
 
 def fetched(message: Any) -> Fetched:
@@ -222,6 +215,10 @@ def fetched(message: Any) -> Fetched:
     if not isinstance(resource.get("status"), str):
         return Fetched(200, {}, None, f"unreadable answer: status {resource.get('status')!r:.80}")
     return Fetched(200, resource)
+
+
+def _account(account: Any) -> Fetched:
+    return Fetched(200, {"sid": str(account.sid), "status": str(account.status)})
 
 
 def unreadable(error: Exception) -> Fetched:
