@@ -36,8 +36,9 @@ class AckDeadlines:
     def watch(self, deadline: float, reply: Reply) -> None:
         """Answer `reply` JournalUnavailable if it is still unanswered at `deadline`, the
         Trio time `seconds` from now (so the queue stays in deadline order)."""
+        if not self._waiting:  # only an empty queue's `run` waits: one check per callback
+            self._watched.set()
         self._waiting.append((deadline, reply))
-        self._watched.set()
 
     async def run(self) -> None:
         """Answer expired replies every tick (`CHECK_EVERY`, or a quarter of a shorter
