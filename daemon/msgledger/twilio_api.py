@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import requests
 import trio
 import urllib3
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
-from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
 from .logs import get_logger
+from .twilio_http import PooledHttpClient
 
 T = TypeVar("T")
 log = get_logger("msgledger.twilio")
@@ -124,21 +123,23 @@ class TwilioConfig:
 
 
 class TwilioApi:
-    """Calls the Messages API from worker threads, one client per thread."""
+    """Calls the Messages API from worker threads, one twilio client per thread, all on one
+    connection pool (`twilio_http`)."""
 
     def __init__(self, config: TwilioConfig) -> None:
         self._config = config
         self._limiter = trio.CapacityLimiter(config.concurrency)
         self._local = threading.local()
+        self._http = PooledHttpClient(config.base_url, timeout=config.timeout,
+                                      connections=config.concurrency)
 
     def _client(self) -> Client:
         client: Client | None = getattr(self._local, "client", None)
         if client is None:
-            http = TwilioHttpClient(timeout=self._config.timeout)
             # A non-empty environment keeps TWILIO_EDGE/TWILIO_REGION from rewriting the
             # host (docs/twilio.md, "Pointing the twilio client at the simulator").
             client = Client(self._config.account_sid, self._config.auth_token,
-                            http_client=http, environment={"MSGLEDGER": "1"})
+                            http_client=self._http, environment={"MSGLEDGER": "1"})
             client.api.base_url = self._config.base_url
             self._local.client = client
         return client
@@ -171,11 +172,11 @@ class TwilioApi:
             return _refusal(e.status, e.code, str(e.msg))
         except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
             return _refusal(e.status, e.code, str(e.detail or e.title))
-        except requests.exceptions.ConnectionError as e:
-            if isinstance(e, requests.exceptions.ConnectTimeout) or _never_connected(e):
-                return _Retry(Rejected(None, None, f"Twilio unreachable: {e}"))
+        except urllib3.exceptions.ConnectTimeoutError as e:  # NewConnectionError is one
+            return _Retry(Rejected(None, None, f"Twilio unreachable: {e}"))
+        except urllib3.exceptions.ProtocolError as e:
             return Unknown(f"connection lost: {e}")
-        except requests.exceptions.RequestException as e:
+        except urllib3.exceptions.HTTPError as e:  # a read timeout, a TLS or proxy error...
             return Unknown(f"{type(e).__name__}: {e}")
         return Accepted(message.sid, message.status, _resource(message, CREATED_FIELDS))
 
@@ -201,7 +202,7 @@ class TwilioApi:
             return fetch_error(e.status, e.code, str(e.msg))
         except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
             return fetch_error(e.status, e.code, str(e.detail or e.title))
-        except requests.exceptions.RequestException as e:
+        except urllib3.exceptions.HTTPError as e:  # no connection, a timeout, a cut answer
             return Throttled(f"{type(e).__name__}: {e}")
         except Exception as e:  # the client could not read a 2xx (see `unreadable`)
             return unreadable(e)
@@ -258,15 +259,6 @@ class _Retry:
     run out."""
 
     give_up: Rejected
-
-
-def _never_connected(error: requests.exceptions.ConnectionError) -> bool:
-    """True when the TCP connection itself failed (refused, unresolvable, connect timeout),
-    so no byte of the request left. requests wraps urllib3's MaxRetryError, whose
-    `reason` is the cause; NewConnectionError is a ConnectTimeoutError in urllib3 2."""
-    wrapped = error.args[0] if error.args else None
-    cause = getattr(wrapped, "reason", wrapped)
-    return isinstance(cause, urllib3.exceptions.ConnectTimeoutError)
 
 
 def _resource(message: Any, fields: tuple[str, ...]) -> dict[str, Any]:
