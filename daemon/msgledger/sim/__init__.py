@@ -3,7 +3,13 @@
 `serve_sim(knobs)` serves create, fetch and list on 127.0.0.1 for the real `twilio` client
 (`client.api.base_url = sim.base_url`), walks each message through its statuses, and posts
 signed status callbacks, with knobs for latency, 429s, lost create answers and lost,
-duplicated or reordered callbacks.
+duplicated or reordered callbacks, a list that lags behind, and phone-number redaction at
+once or after a while.
+
+It serves Bulk Export on the same base URL (`client.bulkexports.base_url = sim.base_url`):
+custom jobs that complete after `export_job_delay` Trio seconds, each day's gzip file of JSON
+lines behind a one-time link, and faults for downloads cut short (`Simulator.fail_downloads`),
+inbound rows and broken lines (`Simulator.add_export_line`).
 """
 
 from __future__ import annotations

@@ -3,37 +3,42 @@
 Routes (docs/twilio.md, "The Messages API"), all under /2010-04-01/Accounts/{AccountSid}:
 POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch),
 and GET /Accounts/{AccountSid}.json (the account: whether the credentials are taken).
+Bulk Export's routes, under /v1/Exports, and its files' links take the same way in
+(`_export_api.py`).
 """
 
 from __future__ import annotations
 
 import base64
 import hmac
-import json
 import re
 from collections.abc import Mapping
+from functools import partial
 from urllib.parse import parse_qsl
 
 import trio
 
+from ._export_api import download, is_download, is_export, route_exports
 from ._http import DropConnection, Request, Response
 from ._knobs import SimKnobs
-from ._listing import page_json, parse_list_query, select_page
+from ._listing import page_json, parse_list_query, select_page, visible
 from ._simulator import NewMessage, Simulator
-from ._store import is_valid_from, is_valid_to
-from ._wire import API_VERSION, ApiError, message_json
+from ._store import is_valid_from, is_valid_to, utcnow
+from ._wire import API_VERSION, ApiError, json_reply, message_json, not_found, redacts_to
 
 _PATH = re.compile(
     rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)/Messages(?:/(?P<sid>[^/]+))?\.json"
 )
 _ACCOUNT_PATH = re.compile(rf"/{API_VERSION}/Accounts/(?P<account>[^/]+)\.json")
 _SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
-_JSON = ("Content-Type", "application/json; charset=utf-8")
 _CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
 
 
 async def handle_api(sim: Simulator, request: Request) -> Response:
-    """Answer one API request; raises DropConnection when the lost-create knob fires."""
+    """Answer one API request, or an export file's download (no auth, knobs or counting as
+    a request); raises DropConnection when the lost-create knob fires."""
+    if is_download(request.target):
+        return download(sim, request.method, request.target)
     knobs, stats, fetch = sim.knobs, sim.stats, _is_fetch(request)
     stats.requests += 1
     stats.fetches += fetch
@@ -43,7 +48,7 @@ async def handle_api(sim: Simulator, request: Request) -> Response:
             return _route(sim, knobs, request)
         except ApiError as error:
             challenge = (_CHALLENGE,) if error.status == 401 else ()
-            return _json_reply(error.status, error.payload(), challenge)
+            return json_reply(error.status, error.payload(), challenge)
 
 
 def _is_fetch(request: Request) -> bool:
@@ -54,17 +59,19 @@ def _is_fetch(request: Request) -> bool:
 def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     path, _, query = request.target.partition("?")
     _authenticate(knobs, request.headers.get("authorization", ""))
+    if is_export(path):
+        _refuse_if_throttled(sim, knobs)
+        form = request.body if request.method == "POST" else query.encode()
+        return route_exports(sim, request.method, path, _form(form))
     account = _ACCOUNT_PATH.fullmatch(path)
     if account is not None and request.method == "GET":
         return _account(knobs, account["account"])
     match = _PATH.fullmatch(path)
     if match is None:
-        raise _not_found(path)
+        raise not_found(path)
     if match["account"] != knobs.account_sid:
         raise ApiError(401, 20003, "Authenticate")  # these credentials own no other account
-    if sim.throttles_request() or sim.dice.chance(knobs.rate_limit_429):
-        sim.stats.requests_429 += 1
-        raise ApiError(429, 20429, "Too Many Requests")
+    _refuse_if_throttled(sim, knobs)
     sid, method = match["sid"], request.method
     if sid is None and method == "POST":
         return _create(sim, knobs, _form(request.body))
@@ -75,11 +82,18 @@ def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     raise ApiError(405, 20004, "Method not allowed")
 
 
+def _refuse_if_throttled(sim: Simulator, knobs: SimKnobs) -> None:
+    """429 (nothing done) when a `throttle` burst or the rate_limit_429 knob takes it."""
+    if sim.throttles_request() or sim.dice.chance(knobs.rate_limit_429):
+        sim.stats.requests_429 += 1
+        raise ApiError(429, 20429, "Too Many Requests")
+
+
 def _account(knobs: SimKnobs, account: str) -> Response:
     """GET /Accounts/{Sid}.json: the account these credentials own, and no other."""
     if account != knobs.account_sid:
         raise ApiError(401, 20003, "Authenticate")
-    return _json_reply(200, {"sid": account, "status": "active", "type": "Full",
+    return json_reply(200, {"sid": account, "status": "active", "type": "Full",
                              "friendly_name": "msgledger simulator"})
 
 
@@ -100,21 +114,23 @@ def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Respons
         sim.stats.create_responses_lost += 1
         raise DropConnection  # the message exists and lives on; the client never hears of it
     # Redaction happens after transit, so the create answer still shows the full number.
-    return _json_reply(201, message_json(message, redact_to=False))
+    return json_reply(201, message_json(message, redact_to=False))
 
 
 def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Response:
-    query = parse_list_query(params)
-    page = select_page(sim.messages.values(), query)
-    return _json_reply(200, page_json(knobs.account_sid, query, page, redact_to=knobs.redact_to))
+    query, now = parse_list_query(params), utcnow()
+    page = select_page(visible(sim.messages.values(), knobs.list_lag, now), query)
+    hidden = partial(redacts_to, knobs, now=now)
+    return json_reply(200, page_json(knobs.account_sid, query, page, redact_to=hidden))
 
 
 def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Response:
+    """The message at once, whatever `list_lag` says."""
     message = sim.messages.get(sid)
     if message is None:
         sim.stats.fetches_not_found += 1
-        raise _not_found(path)
-    return _json_reply(200, message_json(message, redact_to=knobs.redact_to))
+        raise not_found(path)
+    return json_reply(200, message_json(message, redact_to=redacts_to(knobs, message, utcnow())))
 
 
 def parse_new_message(form: Mapping[str, str]) -> NewMessage:
@@ -143,11 +159,3 @@ def _form(encoded: bytes) -> dict[str, str]:
     return dict(parse_qsl(encoded.decode("utf-8", "replace"), keep_blank_values=True))
 
 
-def _not_found(path: str) -> ApiError:
-    return ApiError(404, 20404, f"The requested resource {path} was not found")
-
-
-def _json_reply(
-    status: int, payload: Mapping[str, object], headers: tuple[tuple[str, str], ...] = ()
-) -> Response:
-    return Response(status, json.dumps(payload).encode(), (_JSON, *headers))

@@ -2,7 +2,9 @@
 
 Why not hypercorn: the lost-create knob must drop the connection with no response at all, and
 an ASGI app cannot do that (hypercorn answers 500 for an app that fails before responding).
-Here a handler raises `DropConnection` and the socket is closed with nothing written.
+Here a handler raises `DropConnection` and the socket is closed with nothing written, or
+answers a `Response` with `cut_after` set: its head (with the full Content-Length) and that
+many body bytes go out, then the socket is closed, as a download broken off mid-way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import trio
 MAX_BODY = 1 << 20  # bytes; a create form is a few KB, anything near this is a client bug
 # (headers are capped by h11 itself, at 16 KiB)
 RECEIVE_SIZE = 64 * 1024  # bytes per socket read
+SEND_SIZE = 256 * 1024  # bytes per body write: an export file of 100 MB is never copied whole
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Response:
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    cut_after: int | None = None  # send only this many body bytes, then drop the connection
 
 
 class DropConnection(Exception):
@@ -96,14 +100,17 @@ async def _next_event(connection: h11.Connection, stream: trio.SocketStream) -> 
 
 async def _send_reply(connection: h11.Connection, stream: trio.SocketStream,
                       reply: Response) -> None:
+    """Send `reply` in pieces; raises DropConnection once a cut reply's bytes are out."""
     headers = [*reply.headers, ("Content-Length", str(len(reply.body)))]
-    events: tuple[h11.Response | h11.Data | h11.EndOfMessage, ...] = (
-        h11.Response(status_code=reply.status, headers=headers),
-        h11.Data(data=reply.body),
-        h11.EndOfMessage(),
-    )
+    body = memoryview(reply.body)[: reply.cut_after]
     try:
-        for event in events:
-            await stream.send_all(connection.send(event))
+        await stream.send_all(connection.send(h11.Response(status_code=reply.status,
+                                                           headers=headers)))
+        for start in range(0, len(body), SEND_SIZE):
+            piece = bytes(body[start : start + SEND_SIZE])
+            await stream.send_all(connection.send(h11.Data(data=piece)))
+        if reply.cut_after is not None:
+            raise DropConnection
+        await stream.send_all(connection.send(h11.EndOfMessage()))
     except trio.BrokenResourceError as error:
         raise _Closed from error

@@ -23,6 +23,7 @@ _PROBABILITIES = (
     "rate_limit_429",
     "lose_create_response",
 )
+_DURATIONS = ("latency", "fetch_latency", "list_lag", "export_job_delay", "export_link_ttl")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,12 @@ class OutcomeWeights:
 
 @dataclass(frozen=True)
 class SimKnobs:
-    """How the simulator behaves; see the field comments for what each knob does."""
+    """How the simulator behaves; see the field comments for what each knob does.
+
+    Message ages (`redact_to_after`, `list_lag`) count on the UTC wall clock that message dates
+    use, so a test injects past dates rather than waiting; the Bulk Export timers count on
+    Trio's clock (`trio.current_time()`), so a test on virtual time skips them.
+    """
 
     account_sid: str  # "AC" + 32 hex
     auth_token: str  # HTTP Basic password and the callback signing key
@@ -54,7 +60,13 @@ class SimKnobs:
     callback_reordering: float = 0.0  # probability a message's callbacks go out shuffled
     rate_limit_429: float = 0.0  # probability an API request is answered 429 (never processed)
     lose_create_response: float = 0.0  # probability a create is done but its answer is dropped
-    redact_to: bool = False  # fetch and list show `to` with its last four digits as XXXX
+    redact_to: bool = False  # fetch, list and export files end `to` in XXXX, at once
+    redact_to_after: float | None = None  # they do so once `date_created` is this many seconds old
+    list_lag: float = 0.0  # seconds past `listed_at` before the list (not fetch) shows a message
+    export_job_delay: float = 60.0  # Trio seconds from creating a Bulk Export job to its completion
+    export_link_ttl: float = 240.0  # Trio seconds a day file's one-time download link is valid
+    export_status_upper: bool = False  # job statuses in upper case, as the API reference's examples
+    export_inbound_per_day: int = 0  # inbound rows (texts from customers) mixed into each day file
     outcome_weights: OutcomeWeights = OutcomeWeights()
     seed: int | None = None  # for reproducible randomness
 
@@ -65,8 +77,10 @@ class SimKnobs:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1]")
         low, high = self.step_delay
-        if not 0.0 <= low <= high or min(self.latency, self.fetch_latency) < 0:
+        if not 0.0 <= low <= high or min(getattr(self, name) for name in _DURATIONS) < 0:
             raise ValueError("delays must be >= 0 and step_delay must be (min, max)")
+        if (self.redact_to_after or 0.0) < 0 or self.export_inbound_per_day < 0:
+            raise ValueError("redact_to_after and export_inbound_per_day must be >= 0")
 
 
 class Dice:
@@ -81,6 +95,10 @@ class Dice:
 
     def uniform(self, low: float, high: float) -> float:
         return self._rng.uniform(low, high)
+
+    def below(self, limit: int) -> int:
+        """A whole number in [0, limit)."""
+        return self._rng.randrange(limit)
 
     def hex32(self) -> str:
         return f"{self._rng.getrandbits(128):032x}"

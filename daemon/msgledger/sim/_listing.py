@@ -3,12 +3,17 @@
 Paging is by keyset, not offset: a `PageToken` names the last (or first) message of the page it
 came from, so messages created while a client pages through the list land before the cursor
 and never shift a later page. Each message is seen once as long as its `date_sent` stays put.
+
+With the `list_lag` knob a message is left out until it was listed at least that long ago
+(Twilio's list has lagged 10 to 15 minutes behind its messages,
+https://github.com/twilio/twilio-java/issues/442); once it shows it takes its place by
+`date_sent`, perhaps behind a cursor already past it.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from urllib.parse import urlencode
@@ -84,8 +89,8 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
         sent_on=_parse_day(params, "DateSent"),
         sent_on_or_before=_parse_day(params, "DateSent<"),
         sent_on_or_after=_parse_day(params, "DateSent>"),
-        page_size=min(_parse_int(params, "PageSize", DEFAULT_PAGE_SIZE, minimum=1), MAX_PAGE_SIZE),
-        page=_parse_int(params, "Page", 0, minimum=0),
+        page_size=min(parse_int(params, "PageSize", DEFAULT_PAGE_SIZE, minimum=1), MAX_PAGE_SIZE),
+        page=parse_int(params, "Page", 0, minimum=0),
         cursor=Cursor.parse(token) if token else None,
     )
 
@@ -101,7 +106,7 @@ def _parse_day(params: Mapping[str, str], key: str) -> date | None:
         raise ApiError(400, 20001, f"Invalid {key}: {value}") from None
 
 
-def _parse_int(params: Mapping[str, str], key: str, default: int, *, minimum: int) -> int:
+def parse_int(params: Mapping[str, str], key: str, default: int, *, minimum: int) -> int:
     value = params.get(key)
     if value is None:
         return default
@@ -119,6 +124,14 @@ def _matches(message: SimMessage, query: ListQuery) -> bool:
         and (query.sent_on_or_before is None or day <= query.sent_on_or_before)
         and (query.sent_on_or_after is None or day >= query.sent_on_or_after)
     )
+
+
+def visible(messages: Iterable[SimMessage], lag: float, now: datetime) -> Iterable[SimMessage]:
+    """The messages the list shows at `now`: those listed at least `lag` seconds before."""
+    if lag <= 0:
+        return messages
+    cutoff = now - timedelta(seconds=lag)
+    return (m for m in messages if m.listed_at <= cutoff)
 
 
 def select_page(messages: Iterable[SimMessage], query: ListQuery) -> PageSlice:
@@ -140,14 +153,15 @@ def select_page(messages: Iterable[SimMessage], query: ListQuery) -> PageSlice:
 
 
 def page_json(
-    account_sid: str, query: ListQuery, page: PageSlice, *, redact_to: bool
+    account_sid: str, query: ListQuery, page: PageSlice, *, redact_to: Callable[[SimMessage], bool]
 ) -> dict[str, object]:
-    """The list envelope: `messages` plus Twilio's paging fields."""
+    """The list envelope: `messages` plus Twilio's paging fields; `redact_to` says whose `to`
+    ends in XXXX."""
     first = page.items[0] if page.items else None
     last = page.items[-1] if page.items else None
     offset = query.page * query.page_size
     return {
-        "messages": [message_json(m, redact_to=redact_to) for m in page.items],
+        "messages": [message_json(m, redact_to=redact_to(m)) for m in page.items],
         "first_page_uri": _page_uri(account_sid, query, 0, None),
         "next_page_uri": _page_uri(account_sid, query, query.page + 1, Cursor(True, sort_key(last)))
         if page.has_next and last

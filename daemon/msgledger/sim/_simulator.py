@@ -2,7 +2,7 @@
 
 `open_simulator` owns the nursery the lifecycle tasks run in and cancels what is left of them
 on exit. It needs no sockets, so a test can run lifecycles on Trio's virtual clock by passing a
-fake `deliver`.
+fake `deliver`. Bulk Export's jobs, files and links live in `exports` (`_exports.py`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 
 import trio
 
 from ._callbacks import Deliver
+from ._exports import BulkExports
 from ._knobs import Dice, SimKnobs
 from ._lifecycle import (
     CARRIER_ERRORS,
@@ -48,7 +49,9 @@ class Simulator:
 
     Made by `serve_sim` (or `open_simulator`, which owns the lifecycles' nursery).
     `knobs` may be reassigned (e.g. with `dataclasses.replace`) to change behaviour mid-run;
-    each request and each newly started lifecycle reads the current value.
+    each request and each newly started lifecycle reads the current value. `exports` holds
+    Bulk Export's jobs, files and links; tests shape it with `fail_downloads` and
+    `add_export_line`.
     """
 
     def __init__(
@@ -61,6 +64,8 @@ class Simulator:
         # Lifecycles roll their own dice: their timing must not shift the requests' rolls.
         self._lifecycle_dice = Dice(None if knobs.seed is None else f"{knobs.seed}:lifecycle")
         self._store = MessageStore()
+        # Export SIDs and links roll their own dice too: exporting must not shift message SIDs.
+        self.exports = BulkExports(Dice(None if knobs.seed is None else f"{knobs.seed}:exports"))
         self._lifecycles = nursery
         self._deliver = deliver
         self._running = 0
@@ -166,6 +171,21 @@ class Simulator:
             self._throttled_requests -= 1
             return True
         return trio.current_time() < self._throttled_until
+
+    def fail_downloads(self, count: int) -> None:
+        """Cut the next `count` export file downloads short: each sends its head (with the full
+        Content-Length) and half the file, then drops the connection. The link is used up all
+        the same, as a signed storage link is: a retry asks the day for a fresh one.
+
+        Each call replaces the count before it; `fail_downloads(0)` ends it.
+        """
+        self.exports.fail_downloads(count)
+
+    def add_export_line(self, day: str, raw: bytes) -> None:
+        """Append `raw` (a newline is added if it lacks one) to every file made from now on
+        for `day` (YYYY-MM-DD), e.g. a broken line such as b'{"sid": ', after the day's
+        rows. A day with such a line gets a file even with no messages."""
+        self.exports.add_line(date.fromisoformat(day), raw)
 
     async def wait_idle(self) -> None:
         """Return once no lifecycle is running: every planned step and callback is done."""

@@ -25,6 +25,11 @@ class SimStats:
     callbacks_retried: int = 0  # extra attempts after a retryable failure
     callbacks_lost: int = 0  # never sent, by the callback_loss knob
     callbacks_duplicated: int = 0  # sent a second time, by the callback_duplication knob
+    export_jobs_created: int = 0  # Bulk Export custom jobs accepted (answered 201)
+    export_day_fetches: int = 0  # GET /v1/Exports/Messages/Days/{Day}, whatever their outcome
+    export_downloads: int = 0  # day files served on a valid link, cut ones included
+    export_downloads_failed: int = 0  # of those, cut short by `Simulator.fail_downloads`
+    export_links_refused: int = 0  # downloads answered 403: a link used before or expired
 
     @contextmanager
     def handling(self) -> Iterator[None]:

@@ -19,7 +19,7 @@ _SHORT_CODE = re.compile(r"[0-9]{3,8}")
 _ALPHANUMERIC_ID = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million-message benchmark day fits in ~0.5 GB
 class SimMessage:
     """One message as the simulator holds it (unredacted)."""
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from ._http import Response
+from ._knobs import SimKnobs
 from ._store import SimMessage
 
 API_VERSION = "2010-04-01"
 PRICE_PER_SEGMENT = 0.0079  # USD, roughly a US SMS segment; only there so `price` is filled in
+_JSON = ("Content-Type", "application/json; charset=utf-8")
 
 
 class ApiError(Exception):
@@ -29,6 +34,16 @@ class ApiError(Exception):
         }
 
 
+def json_reply(
+    status: int, payload: Mapping[str, object], headers: tuple[tuple[str, str], ...] = ()
+) -> Response:
+    return Response(status, json.dumps(payload).encode(), (_JSON, *headers))
+
+
+def not_found(path: str) -> ApiError:
+    return ApiError(404, 20404, f"The requested resource {path} was not found")
+
+
 def rfc2822(moment: datetime | None) -> str | None:
     """Twilio's date format, e.g. "Thu, 30 Jul 2015 20:12:31 +0000"."""
     return None if moment is None else format_datetime(moment.astimezone(UTC))
@@ -46,6 +61,18 @@ def redact(number: str) -> str:
     """Phone-number redaction: the last four digits become XXXX
     (docs/twilio.md, "Phone-number redaction")."""
     return number[:-4] + "XXXX" if number[-4:].isdigit() else number
+
+
+def hides_number(knobs: SimKnobs, created: datetime, now: datetime) -> bool:
+    """Whether redaction has reached a message created then: at once with `redact_to`, or
+    once it is `redact_to_after` seconds old (Twilio: within 24 hours of sending)."""
+    after = knobs.redact_to_after
+    return knobs.redact_to or (after is not None and (now - created).total_seconds() >= after)
+
+
+def redacts_to(knobs: SimKnobs, message: SimMessage, now: datetime) -> bool:
+    """Whether fetch, list and export files show this message's `to` ending in XXXX now."""
+    return hides_number(knobs, message.date_created, now)
 
 
 def message_json(message: SimMessage, *, redact_to: bool) -> dict[str, object]:
