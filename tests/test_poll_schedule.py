@@ -16,6 +16,7 @@ from msgledger.events import Event
 from msgledger.store import MessageState, _schedule
 from msgledger.store._fold import poll_from
 from msgledger.store._projector import fold
+from msgledger.store._schema import SCHEMA_VERSION
 
 SID = "SM" + "b" * 32
 DATA = Path(__file__).parent / "data"
@@ -183,7 +184,7 @@ def test_the_writer_upgrades_a_schema_1_store_in_place(v1_store: Path) -> None:
     writer.close()
     conn = sqlite3.connect(v1_store)
     rows = dict(conn.execute("SELECT sid, poll_from FROM messages WHERE sid IS NOT NULL"))
-    assert conn.execute("SELECT value FROM meta").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
     conn.close()
     assert rows == {_sid(1): "2026-11-01T02:00:00.000000+00:00", _sid(2): None,
                     _sid(4): "2026-11-04T01:00:00.000000+00:00", _sid(5): None,

@@ -216,7 +216,7 @@ def test_first_event_fixes_identity_and_parties() -> None:
 
 def test_flags_carried_by_events_are_kept() -> None:
     """Flags an event states in its data (`imported`, `unconfirmed`...) join the message's."""
-    imported = Event("reconcile", "reconcile", TIMES[0], sid=SID, status="delivered",
+    imported = Event("reconciled", "reconcile", TIMES[0], sid=SID, status="delivered",
                      data={"flags": ["imported"]})
     state = folded([imported, event("delivered", TIMES[1])])
     assert state.flags == frozenset({"imported"})

@@ -28,7 +28,11 @@ Kind: TypeAlias = Literal[
     "register",  # an app recorded a message it sent itself
     "polled",  # the poller fetched the message by SID: Twilio's answer (a status, or 404)
     "poll_gave_up",  # still not final at poller.give_up_after: flagged unconfirmed
-    "reconcile",  # the daily list found this status or this discrepancy
+    "reconciled",  # the reconciler's finding about one message: Twilio's status, a flag
+    "sid_matched",  # the reconciler gave a send whose outcome was unknown its SID
+    "reconcile_started",  # a reconcile run began (no message: journal only)
+    "reconcile_export_job",  # a run's Bulk Export job, so that a restart picks it up
+    "reconcile_run",  # a run ended: its report (no message: journal only)
 ]
 
 Source: TypeAlias = Literal["api", "callback", "poll", "reconcile", "debugger", "register"]

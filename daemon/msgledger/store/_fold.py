@@ -8,9 +8,12 @@ arrived in. Descriptive fields (to, from, body) keep the first value seen.
 
 The poll schedule folds the same way: `polls` counts the poller's answers, `next_poll_at`
 is the latest time any of them set, and `poll_from` (derived) is when the message's age
-counts from while the poller may poll it. Two flags are withdrawn by later evidence:
-`unconfirmed` (the poller gave up) by any final status, whatever the order, and
-`not_found_at_twilio` (a 404) by a later poll that found the message, in journal order.
+counts from while the poller may poll it. Flags withdrawn by later evidence:
+`unconfirmed` (the poller gave up) by any final status, and `not_created` (the reconciler
+found no trace of a send) once the message has a SID, whatever the order; and
+`not_found_at_twilio` (a poll's 404) and `missing_at_twilio` (the reconciler's) by a later
+answer that found the message (a poll's 200, a reconcile that listed or fetched it), in
+journal order.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ _FIELDS = ("to", "from", "messaging_service_sid", "body", "body_sha256")
 _NO_FLAGS: frozenset[str] = frozenset()
 NOT_FOUND = "not_found_at_twilio"  # the last poll was answered 404
 UNCONFIRMED = "unconfirmed"  # the poller gave up before any final status
+MISSING = "missing_at_twilio"  # the reconciler: not listed, and its fetch answered 404
+NOT_CREATED = "not_created"  # the reconciler: a send of unknown outcome Twilio never had
+_GONE = frozenset({NOT_FOUND, MISSING})  # withdrawn by an answer that found the message
 
 
 def rank(status: str) -> int:
@@ -121,6 +127,8 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
         flags = _not_found(flags, event.data.get("http_status"))
     elif event.kind == "poll_gave_up":
         flags = flags | {UNCONFIRMED}
+    elif event.kind in ("reconciled", "sid_matched") and event.data.get("found") is True:
+        flags = flags - _GONE
     if event.status is not None:
         new = event.status
         if rank(new) >= 1:
@@ -135,8 +143,11 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
             error_code = _first_of(error_code, found.get("error_code"))
     if status in FINAL and UNCONFIRMED in flags:
         flags = flags - {UNCONFIRMED}
+    sid = s.sid or event.sid
+    if sid is not None and NOT_CREATED in flags:
+        flags = flags - {NOT_CREATED}
     return MessageState(
-        sid=s.sid or event.sid,
+        sid=sid,
         ref=s.ref or event.ref,
         to=s.to or found.get("to"),
         from_=s.from_ or found.get("from"),
@@ -173,11 +184,11 @@ def _latest(current: str | None, proposed: object) -> str | None:
 
 def _not_found(flags: frozenset[str], http_status: object) -> frozenset[str]:
     """A poll's answer on `not_found_at_twilio`: a 404 raises it, finding the message
-    withdraws it, any other answer leaves it be."""
+    withdraws it (and the reconciler's `missing_at_twilio`), any other answer leaves it be."""
     if http_status == 404:
         return flags | {NOT_FOUND}
-    if http_status == 200 and NOT_FOUND in flags:
-        return flags - {NOT_FOUND}
+    if http_status == 200 and flags & _GONE:
+        return flags - _GONE
     return flags
 
 

@@ -5,8 +5,9 @@
 WAL with synchronous=FULL: a COMMIT returns only once the WAL is fsynced.
 
 Schema versions: 1 had no poll schedule; 2 adds `polls`, `next_poll_at` and `poll_from` to
-`messages`, and the poller's indexes. The writer upgrades a version-1 store when it opens
-it (`upgrade`), in one transaction; readers read only the current version.
+`messages`, and the poller's indexes; 3 adds the reconciler's indexes (a day's messages,
+and its runs in the journal). The writer upgrades an older store when it opens it
+(`upgrade`), in one transaction; readers read only the current version.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import NamedTuple
 from ._file import StoreError
 from ._fold import MessageState, poll_from
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UPGRADABLE = 1  # the oldest version the writer upgrades in place
 GENESIS_HASH = "0" * 64  # the `prev_hash` of sequence number 1
 BUSY_TIMEOUT_MS = 5000  # a checkpoint or an exporter may hold a lock briefly
@@ -65,6 +66,17 @@ CREATE INDEX IF NOT EXISTS messages_first_poll ON messages (poll_from)
     WHERE poll_from IS NOT NULL AND polls = 0;
 CREATE INDEX IF NOT EXISTS messages_next_poll ON messages (next_poll_at, poll_from)
     WHERE poll_from IS NOT NULL AND polls > 0;
+"""
+
+# The reconciler's: the messages of a UTC day (by when Twilio had them, else when first
+# seen: `DAY_OF` is the expression its queries must repeat to use the index), and the
+# journal's run events, a handful among millions (their kinds: `RUN_KINDS`).
+DAY_OF = "coalesce(sent_at, created_at)"
+RUN_KINDS = ("reconcile_started", "reconcile_export_job", "reconcile_run")
+RUN_KINDS_SQL = "kind IN ('reconcile_started', 'reconcile_export_job', 'reconcile_run')"
+RECONCILE_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS messages_by_day ON messages ({DAY_OF});
+CREATE INDEX IF NOT EXISTS journal_runs ON journal (seq) WHERE {RUN_KINDS_SQL};
 """
 
 
@@ -112,6 +124,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_status ON messages (status, sent_at);
 CREATE INDEX IF NOT EXISTS messages_by_created ON messages (created_at);
 {POLL_INDEXES}
+{RECONCILE_INDEXES}
 CREATE TABLE IF NOT EXISTS message_events (
     seq        INTEGER PRIMARY KEY,
     message_id INTEGER NOT NULL
@@ -156,7 +169,7 @@ def prepare(conn: sqlite3.Connection, path: str) -> int | None:
     if version is None:
         create(conn)
     elif version < SCHEMA_VERSION:
-        upgrade(conn)
+        upgrade(conn, version)
         return version
     return None
 
@@ -207,26 +220,38 @@ def create(conn: sqlite3.Connection) -> None:
                        f" ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
 
 
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Version 1 to 2, in one transaction: the poll schedule's columns and indexes. No
-    version-1 store holds a poll, so every message starts unpolled, due by its age."""
+def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """From `version` to the current one, step by step, in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for column in ("polls INTEGER NOT NULL DEFAULT 0", "next_poll_at TEXT",
-                       "poll_from TEXT"):
-            conn.execute(f"ALTER TABLE messages ADD COLUMN {column}")
-        rows = conn.execute("SELECT id, sid, status, flags, created_at, sent_at FROM messages")
-        conn.executemany("UPDATE messages SET poll_from = ? WHERE id = ?",
-                         [(due, message_id) for message_id, *state in rows
-                          if (due := _poll_from_row(*state)) is not None])
-        for statement in filter(str.strip, POLL_INDEXES.split(";")):
-            conn.execute(statement)  # not executescript: it would COMMIT first
+        if version < 2:
+            _add_poll_schedule(conn)
+        _run_statements(conn, RECONCILE_INDEXES)  # version 2 to 3
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                      (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _add_poll_schedule(conn: sqlite3.Connection) -> None:
+    """Version 1 to 2: the poll schedule's columns and indexes. No version-1 store holds a
+    poll, so every message starts unpolled, due by its age."""
+    for column in ("polls INTEGER NOT NULL DEFAULT 0", "next_poll_at TEXT", "poll_from TEXT"):
+        conn.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    rows = conn.execute("SELECT id, sid, status, flags, created_at, sent_at FROM messages")
+    conn.executemany("UPDATE messages SET poll_from = ? WHERE id = ?",
+                     [(due, message_id) for message_id, *state in rows
+                      if (due := _poll_from_row(*state)) is not None])
+    _run_statements(conn, POLL_INDEXES)
+
+
+def _run_statements(conn: sqlite3.Connection, script: str) -> None:
+    """Each statement of `script` inside the open transaction (executescript would COMMIT
+    first)."""
+    for statement in filter(str.strip, script.split(";")):
+        conn.execute(statement)
 
 
 def _poll_from_row(sid: str | None, status: str | None, flags: str, created_at: str,
