@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from msgledger import store
-from msgledger.cli import CSV_FIELDS, main
+from msgledger import settings, store
+from msgledger.cli import CSV_FIELDS, daemon_api, main
 from msgledger.events import Event, utc_now
 
 from .conftest import ACCOUNT_SID, child_env, start_child
@@ -50,7 +50,7 @@ EVENTS = [
     callback(SID_Y, "sent", at(2, 4)),
     callback(SID_Y, "failed", at(2, 5), error_code="30008"),
     # SID_Z: imported by the reconciler on 3 May.
-    Event("reconcile", "reconcile", at(3, 6), sid=SID_Z, status="delivered",
+    Event("reconciled", "reconcile", at(3, 6), sid=SID_Z, status="delivered",
           data={"to": "+15005550007", "from": "+15005550001", "flags": ["imported"]}),
 ]
 
@@ -265,6 +265,7 @@ def test_status_counts(capsys: pytest.CaptureFixture[str], config: str) -> None:
     report = json.loads(out)
     assert report["events"] == 6
     assert report["by_status"] == {"delivered": 2, "failed": 1}
+    assert report["last_reconcile"] is None  # no run yet
 
 
 def test_status_reports_the_overdue_backlog(capsys: pytest.CaptureFixture[str], config: str,
@@ -281,6 +282,82 @@ def test_status_reports_the_overdue_backlog(capsys: pytest.CaptureFixture[str], 
     assert report["overdue"] == 1
     assert report["oldest_overdue_age_seconds"] > 365 * 86400
     assert "last_reconcile" in report
+
+
+def run_events(run_id: str, day: int, report: dict[str, object]) -> list[Event]:
+    """A run's two journal events, as the reconciler writes them (docs/design.md, "The
+    daily reconciler")."""
+    started = {"run_id": run_id, "date": f"2024-05-{day:02d}", "asked": "list",
+               "trigger": "daily"}
+    return [Event("reconcile_started", "reconcile", at(day, 10), data=started),
+            Event("reconcile_run", "reconcile", at(day, 20), data={**started, **report})]
+
+
+def test_status_shows_the_last_reconcile_run(capsys: pytest.CaptureFixture[str], config: str,
+                                            db: Path) -> None:
+    """`status` shows the report of the run that ended last, as the journal holds it; one
+    recorded at start-up for a run an earlier process never ended reads as a run that read
+    nothing, started when it was asked for."""
+    done = {"status": "done", "source": "list", "started_at": at(3, 10),
+            "finished_at": at(3, 20), "duration_s": 0.5, "waited_s": 0.1, "reason": None,
+            "pages": 1,
+            "lines": 0, "last_page": "first", "job_sid": None, "counts": {"listed": 3},
+            "broken": [], "complete": True}
+    interrupted = {"status": "incomplete", "complete": False, "finished_at": at(4, 20),
+                   "reason": "the daemon stopped during the run"}
+    writer = store.JournalWriter.open(str(db))
+    writer.append(run_events("RN" + "a" * 32, 3, done))
+    _, out, _ = run(capsys, "status", "--config", config)
+    first = json.loads(out)["last_reconcile"]
+    writer.append(run_events("RN" + "b" * 32, 4, interrupted))
+    writer.close()
+    _, out, _ = run(capsys, "status", "--config", config)
+    last = json.loads(out)["last_reconcile"]
+    assert first == {"run_id": "RN" + "a" * 32, "date": "2024-05-03", "asked": "list",
+                     "trigger": "daily", **done}
+    assert last == {"run_id": "RN" + "b" * 32, "date": "2024-05-04", "asked": "list",
+                    "trigger": "daily", "status": "incomplete", "source": None,
+                    "started_at": at(4, 10), "finished_at": at(4, 20), "duration_s": None,
+                    "waited_s": 0.0,
+                    "reason": "the daemon stopped during the run", "pages": 0, "lines": 0,
+                    "last_page": None, "job_sid": None, "counts": {}, "broken": [],
+                    "complete": False}
+
+
+@pytest.mark.parametrize(("environ", "where"), [
+    ({"MSGLEDGER_HTTP_LISTEN": "127.0.0.1:8080"}, "http://127.0.0.1:8080"),
+    ({"MSGLEDGER_HTTP_LISTEN": "0.0.0.0:8080", "MSGLEDGER_HTTP_PUBLIC_URL": "https://x.example"},
+     "http://127.0.0.1:8080"),
+    ({"MSGLEDGER_HTTP_ADMIN_LISTEN": "[::]:8081"}, "http://[::1]:8081"),
+    ({"MSGLEDGER_HTTP_ADMIN_LISTEN": "10.0.0.5:8081"}, "http://10.0.0.5:8081"),
+    ({"MSGLEDGER_HTTP_ADMIN_LISTEN": "/run/msgledger/admin.sock"},
+     "unix:/run/msgledger/admin.sock"),
+], ids=["listen", "listen-anywhere", "admin-anywhere", "admin", "admin-socket"])
+def test_reconcile_finds_v1_where_the_configuration_serves_it(environ: dict[str, str],
+                                                              where: str) -> None:
+    """`reconcile` asks `http.admin_listen` when it is set (host:port or a unix socket),
+    else `http.listen`; an address that listens everywhere is asked on loopback."""
+    loaded = settings.load(environ={"MSGLEDGER_API_TOKEN": "t", **environ},
+                           require_secrets=False)
+    assert daemon_api(loaded).where == where
+
+
+@pytest.mark.parametrize(("environ", "key"), [
+    ({"MSGLEDGER_API_TOKEN": "t", "MSGLEDGER_HTTP_LISTEN": "127.0.0.1:0"}, "http.listen"),
+    ({"MSGLEDGER_API_TOKEN": "t", "MSGLEDGER_HTTP_ADMIN_LISTEN": "127.0.0.1:0"},
+     "http.admin_listen"),
+    ({}, "api.token"),
+])
+def test_reconcile_without_a_way_to_the_daemon_exits_2(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        environ: dict[str, str], key: str) -> None:
+    """Without a token, or with port 0 where `/v1` is, `reconcile` cannot ask the daemon:
+    exit 2, one line naming the key, and no request made."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = run(capsys, "reconcile", "--date", "2024-05-01")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and key in err
 
 
 def test_config_error_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

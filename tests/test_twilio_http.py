@@ -92,7 +92,7 @@ async def test_a_list_sends_its_query() -> None:
     async with fake_twilio(recording(seen)) as base_url:
         api = api_for(base_url)
         with pytest.raises(TwilioException):  # the answer is no page: only the request counts
-            await api._call(lambda c: c.messages.page(to="+15550001111", page_size=50))
+            await api.call(lambda c: c.messages.page(to="+15550001111", page_size=50))
     [request] = seen
     assert request["method"] == "GET"
     assert request["query"] == {"To": ["+15550001111"], "PageSize": ["50"]}

@@ -1,4 +1,4 @@
-"""The `msgledger` command: run, export, verify, status, sim.
+"""The `msgledger` command: run, export, verify, status, reconcile, sim.
 
 Configuration errors end the command with exit code 2 and one line naming the key.
 """
@@ -9,27 +9,33 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import quote
 
 import trio
 
-from . import logs, store
+from . import logs, run_reports, store
 from . import settings as config
 
 if TYPE_CHECKING:
     from .sim import SimKnobs
 
 EXIT_STORE = 1
+EXIT_NOT_DONE = 1  # reconcile: the run did not end done, or was not started
 EXIT_CONFIG = 2
 EXIT_BROKEN_CHAIN = 3
 EXIT_START_FAILED = 4
@@ -79,12 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(command=cmd_verify)
     status = commands.add_parser("status", help="counts by status and journal size")
     status.set_defaults(command=cmd_status)
+    reconcile = commands.add_parser("reconcile", help="ask the running daemon to reconcile a"
+                                    " UTC day with Twilio")
+    reconcile.add_argument("--date", type=_date, required=True,
+                           help="the UTC day (YYYY-MM-DD); today reconciles the day so far")
+    reconcile.add_argument("--source", choices=("auto", "list", "export"),
+                           help="list, export or auto (default: auto)")
+    reconcile.add_argument("--wait", action="store_true",
+                           help="follow the run until it ends and print its report")
+    reconcile.set_defaults(command=cmd_reconcile)
     # Internal: a front process, started by `run` when http.workers > 1 (not for people).
     front = commands.add_parser("front")
     for name in ("--worker", "--link-fd", "--listen-fd", "--parent"):
         front.add_argument(name, type=int, required=True)
     front.set_defaults(command=cmd_front)
-    for command in (run, export, verify, status):  # `sim` reads no configuration
+    for command in (run, export, verify, status, reconcile):  # `sim` reads no configuration
         command.add_argument("--config", "-c", help="TOML configuration file")
     return parser
 
@@ -271,7 +286,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "by_status": store.status_counts(conn),
             "overdue": overdue,
             "oldest_overdue_age_seconds": _age(now, oldest),
-            "last_reconcile": None,  # no reconciler yet: it will record its runs here
+            "last_reconcile": next(iter(run_reports.finished_runs(conn, 1)), None),
         }
         conn.execute("COMMIT")
     finally:
@@ -304,6 +319,127 @@ def _poller_state(settings: config.Settings) -> str:
         return str(json.loads(body)["poller"])
     except (ValueError, KeyError, TypeError):
         return f"unknown: {url} does not answer as msgledger does"
+
+
+API_TIMEOUT = 10.0  # seconds for the daemon to answer one /v1 request
+WAIT_EVERY = 1.0  # seconds between two looks at a run followed with --wait
+ENDED = ("done", "incomplete", "failed")  # a run's statuses once it has ended
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+
+
+class NoAnswer(Exception):
+    """The daemon's /v1 cannot be reached, or does not answer as msgledger does."""
+
+
+@dataclass(frozen=True)
+class DaemonApi:
+    """The running daemon's `/v1`, where this configuration says it is: `http.admin_listen`
+    when set (host:port or a unix socket), else `http.listen`."""
+
+    where: str  # http://host:port or unix:/path, for messages
+    token: str
+    connect: Callable[[], http.client.HTTPConnection]
+
+    def ask(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        """The HTTP status and JSON body of one request; NoAnswer if there is none."""
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        connection = self.connect()
+        try:
+            connection.request(method, path, None if body is None else json.dumps(body),
+                               headers)
+            answer = connection.getresponse()
+            status, raw = answer.status, answer.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise NoAnswer(f"no daemon answers at {self.where} ({error})") from None
+        finally:
+            connection.close()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            raise NoAnswer(f"{self.where} does not answer as msgledger does (HTTP {status},"
+                           " not JSON)") from None
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over the unix socket at `path`."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def daemon_api(settings: config.Settings) -> DaemonApi:
+    """Where the daemon this configuration runs serves `/v1`, and its token; ConfigError
+    when the configuration cannot tell (no token, port 0)."""
+    if settings.api_token is None:
+        raise config.ConfigError("api.token: not configured, and the daemon refuses /v1"
+                                 " without it")
+    admin = settings.http_admin_listen
+    if admin is not None and admin.startswith("/"):
+        return DaemonApi(f"unix:{admin}", settings.api_token,
+                         partial(UnixConnection, admin, API_TIMEOUT))
+    if admin is not None:
+        key, (host, port) = "http.admin_listen", config.parse_listen(admin)
+    else:
+        key, host, port = "http.listen", settings.http_listen_host, settings.http_listen_port
+    if port == 0:
+        raise config.ConfigError(f"{key}: port 0, so the daemon's port is not known; give"
+                                 " it a fixed port")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)  # any: us
+    where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return DaemonApi(where, settings.api_token,
+                     partial(http.client.HTTPConnection, host, port, timeout=API_TIMEOUT))
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Ask the daemon for a run of `--date`; with `--wait`, follow it until it ends."""
+    api = daemon_api(config.load(args.config, require_secrets=False))
+    body = {"date": args.date.isoformat()}
+    if args.source is not None:
+        body["source"] = args.source
+    try:
+        status, answer = api.ask("POST", "/v1/reconcile", body)
+        if status != 202:
+            return _refused(status, answer)
+        print(json.dumps(answer), flush=True)
+        return _follow(api, str(answer["run_id"])) if args.wait else 0
+    except NoAnswer as error:
+        print(f"msgledger: {error}", file=sys.stderr)
+        return EXIT_NOT_DONE
+    except KeyboardInterrupt:
+        print("msgledger: interrupted; a run already asked for goes on in the daemon",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _follow(api: DaemonApi, run_id: str) -> int:
+    """Look at the run every WAIT_EVERY until it has ended; print its report."""
+    while True:
+        status, report = api.ask("GET", f"/v1/reconcile/runs/{quote(run_id, safe='')}")
+        if status != 200:
+            return _refused(status, report)
+        if report["status"] in ENDED:
+            print(json.dumps(report))
+            return 0 if report["status"] == "done" else EXIT_NOT_DONE
+        time.sleep(WAIT_EVERY)
+
+
+def _refused(status: int, answer: Any) -> int:
+    """Say why the daemon refused, in one line. A 400 (an argument it judged, such as a day
+    in the future) or 401 (api.token is not the daemon's) is the caller's to correct."""
+    why = answer.get("error") if isinstance(answer, dict) else None
+    print(f"msgledger: the daemon refused (HTTP {status}): {why}", file=sys.stderr)
+    return EXIT_CONFIG if status in (400, 401) else EXIT_NOT_DONE
 
 
 def _age(now: dt.datetime, at: str | None) -> float | None:

@@ -1,11 +1,12 @@
 """The wiring: one place opens the nurseries, creates every channel with an explicit size,
 hands each actor its channel ends, and reports readiness (log line, /healthz, systemd).
 
-Start-up runs downstream first: the journal, then the poller (with Twilio credentials),
-then the HTTP front. Shutdown is a close cascade: the first SIGTERM/SIGINT (or `stop`)
-marks the daemon draining, ends the poller's pass and stops the listener; hypercorn lets
-in-flight requests finish (`http.graceful_timeout`); the producers' intake clones then
-close, the journal commits what it holds and ends. A second signal cancels everything at
+Start-up runs downstream first: the journal, then the poller and the reconciler (with
+Twilio credentials), then the HTTP front. Shutdown is a close cascade: the first SIGTERM or
+SIGINT (or `stop`) marks the daemon draining, ends the poller's pass and the reconciler's
+run and stops the listener; hypercorn lets in-flight requests finish
+(`http.graceful_timeout`); the producers' intake clones then close, the journal commits
+what it holds and ends. A second signal cancels everything at
 once.
 
 With `http.workers` > 1 the HTTP front is N front processes instead (`workers/`): each
@@ -37,12 +38,15 @@ from .journal_client import JournalClient
 from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
 from .logs import get_logger
 from .metrics import Metrics
-from .poller import PollerConfig, PollerDeps, run_poller
+from .poller import PollerConfig, PollerDeps, run_poller, wall_clock
+from .reconcile.run import RunDeps
+from .reconciler import Reconciler, ReconcilerConfig
 from .sender import Sender
 from .settings import Settings
 from .store import JournalWriter
 from .store_reads import StoreReads
 from .twilio_api import TwilioApi, TwilioConfig
+from .twilio_exports import BulkExport
 from .workers.supervisor import serve_by_fronts
 
 log = get_logger("msgledger.main")
@@ -95,10 +99,13 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
                                          health=state.report_store))
             api = _twilio_api(settings)
             with JournalClient(intake, deadlines) as journal:
+                reconciler = None
                 if api is not None:
                     await services.start(_poller(settings, state, metrics, journal.clone(),
                                                  api, stop))
-                router = _router(settings, state, metrics, journal.clone(), api)
+                    reconciler = _reconciler(settings, journal.clone(), api)
+                    await services.start(reconciler.serve, stop)
+                router = _router(settings, state, metrics, journal.clone(), api, reconciler)
                 serve = (_serve_here if settings.http_workers == 1
                          else partial(serve_by_fronts, journal.clone()))
             admin_url = url_of(listeners.admin) if listeners.admin else None
@@ -129,8 +136,18 @@ def _poller(settings: Settings, state: ServerState, metrics: Metrics, journal: J
     return partial(run_poller, stop, config=PollerConfig.from_settings(settings), deps=deps)
 
 
+def _reconciler(settings: Settings, journal: JournalClient, api: TwilioApi) -> Reconciler:
+    """The reconciler, ready to serve; it journals through `journal` and closes it."""
+    deps = RunDeps(journal=journal, reads=StoreReads(settings.store_path),
+                   list_page=api.list_page, fetch=api.fetch_message, clock=wall_clock,
+                   keep_body=settings.store_keep_body,
+                   match_window=settings.reconciler_match_window)
+    return Reconciler(ReconcilerConfig.from_settings(settings), deps, BulkExport(api))
+
+
 def _router(settings: Settings, state: ServerState, metrics: Metrics,
-            journal: JournalClient, api: TwilioApi | None) -> Router:
+            journal: JournalClient, api: TwilioApi | None,
+            reconciler: Reconciler | None) -> Router:
     """The HTTP router and everything it feeds; all of it journals through `journal`."""
     receiver = webhook_receiver(settings, journal, state=state, metrics=metrics)
     sender = Sender(journal, api, keep_body=settings.store_keep_body,
@@ -138,7 +155,8 @@ def _router(settings: Settings, state: ServerState, metrics: Metrics,
     app = create_app(ApiDeps(
         store_path=settings.store_path, api_token=settings.api_token, state=state,
         metrics=metrics, sender=sender, journal=journal,
-        overdue_after=settings.poller_overdue_after, keep_body=settings.store_keep_body))
+        overdue_after=settings.poller_overdue_after, keep_body=settings.store_keep_body,
+        reconciler=reconciler))
     return Router(receiver, app, journal)
 
 
@@ -147,6 +165,7 @@ def _twilio_api(settings: Settings) -> TwilioApi | None:
         return None
     return TwilioApi(TwilioConfig(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url,
+        bulkexports_base_url=settings.twilio_bulkexports_base_url,
         concurrency=settings.twilio_concurrency, timeout=settings.twilio_timeout,
         backoff=settings.twilio_retry_backoff))
 

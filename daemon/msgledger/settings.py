@@ -49,6 +49,7 @@ class Settings:
     twilio_account_sid: str | None
     twilio_auth_token: str | None
     twilio_api_base_url: str
+    twilio_bulkexports_base_url: str
     twilio_concurrency: int
     twilio_timeout: float
     twilio_retry_backoff: float
@@ -57,8 +58,12 @@ class Settings:
     poller_interval: float
     poller_concurrency: int
     poller_give_up_after: float
-    reconciler_daily_at: str
+    reconciler_daily_at: str  # UTC HH:MM
     reconciler_lookback_days: int
+    reconciler_match_window: float  # seconds
+    reconciler_source: str  # "auto" | "list" | "export"
+    reconciler_export_over: int  # messages a day; with auto, more uses Bulk Export
+    reconciler_export_poll_interval: float  # seconds
     log_level: str
     log_access: bool  # one line per /v1, /metrics and /healthz request
 
@@ -185,6 +190,12 @@ def parse_positive_int(raw: object) -> int:
     return int(str(raw))
 
 
+def parse_non_negative_int(raw: object) -> int:
+    if isinstance(raw, bool) or not str(raw).strip().isdigit():
+        raise ValueError(f"expected a whole number, 0 or more, got {raw!r}")
+    return int(str(raw))
+
+
 MAX_WORKERS = 64  # front processes; far past any core count this daemon is sized for
 
 
@@ -253,6 +264,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "account_sid": (_text, None),
         "auth_token": (_text, None),
         "api_base_url": (parse_url, "https://api.twilio.com"),
+        "bulkexports_base_url": (parse_url, "https://bulkexports.twilio.com"),
         "concurrency": (parse_positive_int, 10),  # API requests in flight
         "timeout": (parse_positive_duration, "15s"),  # per API request
         "retry_backoff": (parse_duration, "500ms"),  # first retry after a 429; doubles
@@ -267,6 +279,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
     "reconciler": {
         "daily_at": (parse_daily_at, "03:30"),
         "lookback_days": (parse_positive_int, 2),
+        "match_window": (parse_positive_duration, "10m"),
+        "source": (_one_of("auto", "list", "export"), "auto"),
+        "export_over": (parse_non_negative_int, 100_000),
+        "export_poll_interval": (parse_positive_duration, "1m"),
     },
     "log": {"level": (_one_of("debug", "info", "warning", "error"), "info"),
             "access": (parse_bool, True)},

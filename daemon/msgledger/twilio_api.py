@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import orjson
 import trio
 import urllib3
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
@@ -104,6 +105,27 @@ class CredentialsRefused:
 
 FetchOutcome = Fetched | Throttled | CredentialsRefused
 
+
+@dataclass(frozen=True)
+class Page:
+    """A page of the Messages list: its items as Twilio sent them, and where the next is."""
+
+    messages: list[Any]
+    next_page_uri: str | None  # relative, PageToken included; None on the last page
+
+
+@dataclass(frozen=True)
+class PageRefused:
+    """Twilio answered the list with a 4xx other than 401/403 (400 20004: past retention),
+    or with a 200 that is no page: asking again will not help."""
+
+    http_status: int
+    error_code: int | None
+    message: str
+
+
+PageOutcome = Page | PageRefused | Throttled | CredentialsRefused
+
 CREATED_FIELDS = ("sid", "status", "to", "from_", "messaging_service_sid", "date_created",
                   "date_sent", "num_segments", "error_code", "error_message", "price",
                   "price_unit", "account_sid")
@@ -116,6 +138,7 @@ class TwilioConfig:
     account_sid: str
     auth_token: str
     base_url: str = "https://api.twilio.com"
+    bulkexports_base_url: str = "https://bulkexports.twilio.com"
     concurrency: int = 10  # requests in flight; Twilio answers 429 past the account's limit
     timeout: float = 15.0  # seconds per HTTP request
     backoff: float = 0.5  # seconds before the first retry; doubles, with full jitter
@@ -141,10 +164,22 @@ class TwilioApi:
             client = Client(self._config.account_sid, self._config.auth_token,
                             http_client=self._http, environment={"MSGLEDGER": "1"})
             client.api.base_url = self._config.base_url
+            client.bulkexports.base_url = self._config.bulkexports_base_url
             self._local.client = client
         return client
 
-    async def _call(self, fn: Callable[[Client], T], *, abandon_on_cancel: bool = False) -> T:
+    @property
+    def config(self) -> TwilioConfig:
+        return self._config
+
+    @property
+    def http(self) -> PooledHttpClient:
+        """The connection pool under every client (a download goes through it too)."""
+        return self._http
+
+    async def call(self, fn: Callable[[Client], T], *, abandon_on_cancel: bool = False) -> T:
+        """`fn(client)` in a worker thread, on that thread's client, within
+        `twilio.concurrency`."""
         return await trio.to_thread.run_sync(lambda: fn(self._client()), limiter=self._limiter,
                                              abandon_on_cancel=abandon_on_cancel,
                                              thread_name="twilio")  # for top -H and py-spy
@@ -167,7 +202,7 @@ class TwilioApi:
 
     async def _create_once(self, params: Mapping[str, Any]) -> CreateOutcome | _Retry:
         try:
-            message = await self._call(lambda c: c.messages.create(**params))
+            message = await self.call(lambda c: c.messages.create(**params))
         except TwilioRestException as e:
             return _refusal(e.status, e.code, str(e.msg))
         except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
@@ -192,12 +227,28 @@ class TwilioApi:
         sid = self._config.account_sid
         return await self._read(lambda c: c.api.v2010.accounts(sid).fetch(), _account)
 
+    async def list_page(self, next_page_uri: str | None,
+                        params: Mapping[str, str]) -> PageOutcome:
+        """One page of the Messages list: the first (with `params`), or the one
+        `next_page_uri` names (its query holds everything). Once, no retries."""
+        def get(client: Client) -> Any:
+            if next_page_uri is not None:
+                return client.api.request("GET", next_page_uri)
+            uri = f"/Accounts/{self._config.account_sid}/Messages.json"
+            return client.api.v2010.request("GET", uri, params=dict(params))
+
+        try:
+            answer = await self.call(get, abandon_on_cancel=True)
+        except urllib3.exceptions.HTTPError as e:
+            return Throttled(f"{type(e).__name__}: {e}")
+        return page_of(int(answer.status_code), answer.text)
+
     async def _read(self, fetch: Callable[[Client], T],
                     answer: Callable[[T], Fetched]) -> FetchOutcome:
         """One GET through the client, its answer or its failure as a FetchOutcome."""
         try:
             # A read: a shutdown need not wait for its answer (up to twilio.timeout).
-            found = await self._call(fetch, abandon_on_cancel=True)
+            found = await self.call(fetch, abandon_on_cancel=True)
         except TwilioRestException as e:
             return fetch_error(e.status, e.code, str(e.msg))
         except TwilioServiceException as e:  # an RFC 9457 error body: its own status and code
@@ -207,6 +258,26 @@ class TwilioApi:
         except Exception as e:  # the client could not read a 2xx (see `unreadable`)
             return unreadable(e)
         return answer(found)
+
+
+def page_of(status: int, text: str) -> PageOutcome:
+    """What a list answer means: a page, or why there is none."""
+    try:
+        body = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        body = None
+    if status == 200:
+        items = body.get("messages") if isinstance(body, dict) else None
+        following = body.get("next_page_uri") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not isinstance(following, str | None):
+            return PageRefused(200, None, f"not a page of messages: {text[:200]!r}")
+        return Page(items, following or None)
+    error = body if isinstance(body, dict) else {}
+    message = str(error.get("message") or text[:200])
+    refused = fetch_error(status, error.get("code"), message)
+    if isinstance(refused, Fetched):
+        return PageRefused(status, refused.error_code, message)
+    return refused
 
 
 def fetched(message: Any) -> Fetched:

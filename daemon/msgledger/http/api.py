@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,11 +13,12 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from .. import store
+from .. import run_reports, store
 from ..events import Event, JournalUnavailable, utc_now
 from ..journal_client import JournalClient
 from ..logs import get_logger
 from ..metrics import Metrics
+from ..reconciler import QueueFull, Reconciler, exportable_until
 from ..sender import Sender, SendRequest, body_fields
 from ..store_reads import StoreReads, StoreUnreadable
 from . import openapi, payloads
@@ -28,6 +30,8 @@ ApiResponse = tuple[Response, int]  # what a route returns: the JSON body and it
 # What each send outcome answers (issue: 201 accepted, 422 rejected, 202 unknown).
 SEND_STATUS = {"accepted": 201, "rejected": 422, "unknown": 202, "not_journaled": 503,
                "outcome_not_journaled": 503}
+NO_RECONCILER = ("there is no reconciler: twilio.account_sid and twilio.auth_token are not"
+                 " configured")
 log = get_logger("msgledger.api")
 
 
@@ -43,6 +47,7 @@ class ApiDeps:
     journal: JournalClient  # register's; the sender holds its own
     overdue_after: float  # seconds
     keep_body: str
+    reconciler: Reconciler | None = None  # None without Twilio credentials
 
 
 def create_app(deps: ApiDeps) -> QuartTrio:
@@ -101,6 +106,25 @@ def create_app(deps: ApiDeps) -> QuartTrio:
     @guarded
     async def list_messages() -> ApiResponse:
         return await _list(deps, reader, payloads.list_query(request.args.items(multi=True)))
+
+    @app.post("/v1/reconcile")
+    @guarded
+    async def start_reconcile_run() -> ApiResponse:
+        return await _reconcile(deps.reconciler, await _json())
+
+    @app.get("/v1/reconcile/runs/<run_id>")
+    @guarded
+    async def get_reconcile_run(run_id: str) -> ApiResponse:
+        report = await _run_report(deps.reconciler, reader, run_id)
+        if report is None:
+            return jsonify(error="no reconcile run has this run_id"), 404
+        return jsonify(report), 200
+
+    @app.get("/v1/reconcile/runs")
+    @guarded
+    async def list_reconcile_runs() -> ApiResponse:
+        limit = payloads.runs_query(request.args.items(multi=True))
+        return jsonify(runs=await _recent_runs(deps.reconciler, reader, limit)), 200
 
     return app
 
@@ -195,6 +219,43 @@ async def _list(deps: ApiDeps, reader: StoreReads, q: payloads.ListQuery) -> Api
         store.list_records, status=q.status, overdue_before=overdue_before, since=q.since,
         until=q.until, after=q.after, limit=q.limit)
     return jsonify(messages=records, next_cursor=cursor), 200
+
+
+async def _reconcile(reconciler: Reconciler | None, payload: object) -> ApiResponse:
+    """Queue a run of the day asked for; the same day and source already queued or running
+    is answered with that run. The day is checked by the reconciler's clock."""
+    now = reconciler.clock() if reconciler is not None else dt.datetime.now(dt.UTC)
+    asked = payloads.reconcile_request(payload, today=now.astimezone(dt.UTC).date(),
+                                       exportable_until=exportable_until(now))
+    if reconciler is None:
+        return jsonify(error=NO_RECONCILER), 503
+    try:
+        run = await reconciler.request(asked.day, asked.source)
+    except (JournalUnavailable, QueueFull) as refusal:
+        return jsonify(error=f"the run was not started: {refusal}"), 503
+    return jsonify(run_id=run.run_id, status=run.status), 202
+
+
+async def _run_report(reconciler: Reconciler | None, reader: StoreReads,
+                      run_id: str) -> run_reports.Report | None:
+    """The run as it stands in this process, else its report in the journal."""
+    if not run_reports.RUN_ID.fullmatch(run_id):
+        return None
+    run = reconciler.run(run_id) if reconciler is not None else None
+    if run is not None:
+        return run.report()
+    return await reader.run(run_reports.finished_run, run_id)
+
+
+async def _recent_runs(reconciler: Reconciler | None, reader: StoreReads,
+                       limit: int) -> list[run_reports.Report]:
+    """This process's runs, newest first, then the journal's reports of the others."""
+    runs = reconciler.runs()[:limit] if reconciler is not None else []
+    here = [run.report() for run in runs]
+    if len(here) == limit:
+        return here
+    return here + await reader.run(run_reports.finished_runs, limit - len(here),
+                                   [report["run_id"] for report in here])
 
 
 def _bearer(token: str | None) -> Callable[[F], F]:

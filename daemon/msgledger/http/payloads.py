@@ -16,10 +16,13 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..sender import SendRequest
 from .webhooks import SID, SID_SHAPED  # defined with the receiver: the front imports it alone
+
+if TYPE_CHECKING:
+    from ..reconcile.run import Source
 
 REF = re.compile(r"[A-Za-z0-9._:\-]{1,64}")  # safe in a URL query, readable in a log line
 SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
@@ -29,6 +32,10 @@ MAX_PAGE = 1000
 MAX_JSON_BYTES = 64 * 1024  # a 1,600-character body of 6-byte \u escapes and the rest fit
 MAX_TEXT = 256  # characters in any other string field or query parameter
 MAX_NAME_ECHO = 64  # characters of a (hostile) field name quoted back in an error
+DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fromisoformat alone also takes 20240501
+SOURCES = ("auto", "list", "export")  # reconciler.source's choices, as a run may ask
+RUNS_SHOWN = 20  # GET /v1/reconcile/runs without a limit: a week or so of daily runs
+MAX_RUNS_SHOWN = 100  # as many as the reconciler keeps in memory
 
 
 class Invalid(Exception):
@@ -178,15 +185,61 @@ def list_query(pairs: Iterable[tuple[str, str]]) -> ListQuery:
     )
 
 
-def _parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+def _parameters(pairs: Iterable[tuple[str, str]],
+                allowed: frozenset[str] = LIST_PARAMETERS) -> dict[str, str]:
     args: dict[str, str] = {}
     for name, value in pairs:
-        if name not in LIST_PARAMETERS:
+        if name not in allowed:
             raise Invalid(name, "unknown parameter")
         if name in args:  # which one counts is ambiguous: refused, as in bodies
             raise Invalid(name, "given more than once")
         args[name] = value
     return args
+
+
+@dataclass(frozen=True)
+class ReconcileRequest:
+    day: dt.date
+    source: Source
+
+
+def reconcile_request(payload: object, *, today: dt.date,
+                      exportable_until: dt.date) -> ReconcileRequest:
+    """`POST /v1/reconcile`: `date`, a UTC day up to `today`, and optional `source`; a day
+    after `exportable_until` has no Bulk Export file yet, so `export` is refused for it."""
+    p = _object(payload, {"date", "source"})
+    day = _day(p, today)
+    source = _string(p, "source", required=False) or "auto"
+    if source not in SOURCES:
+        raise Invalid("source", "expected auto, list or export")
+    if source == "export" and day > exportable_until:
+        raise Invalid("source", f"Bulk Export has no file of {day} yet: Twilio exports a day"
+                      f" once it is two days old (the latest now is {exportable_until});"
+                      " ask for list or auto")
+    return ReconcileRequest(day, cast("Source", source))
+
+
+def _day(payload: Mapping[str, Any], today: dt.date) -> dt.date:
+    text = str(_string(payload, "date"))
+    if not DAY.fullmatch(text):
+        raise Invalid("date", "expected YYYY-MM-DD")
+    try:
+        day = dt.date.fromisoformat(text)
+    except ValueError:
+        raise Invalid("date", f"{text} is not a day of the calendar") from None
+    if day > today:
+        raise Invalid("date", f"{day} is in the future: today is {today} (UTC), and a run"
+                      " covers a day up to now")
+    return day
+
+
+RUNS_PARAMETERS = frozenset({"limit"})
+
+
+def runs_query(pairs: Iterable[tuple[str, str]]) -> int:
+    """`GET /v1/reconcile/runs`: how many runs at most (`limit`), and nothing else."""
+    args = _parameters(pairs, RUNS_PARAMETERS)
+    return _whole(args, "limit", RUNS_SHOWN, 1, MAX_RUNS_SHOWN)
 
 
 def _flag(args: Mapping[str, str], name: str) -> bool:

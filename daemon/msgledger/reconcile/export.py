@@ -1,0 +1,104 @@
+"""The export source of a run: Bulk Export's file of the day (docs/design.md, "The daily
+reconciler"; docs/twilio.md, "Bulk Export").
+
+If Twilio has the day's file, it is read at once. Otherwise a custom job is created for the
+day, its SID journaled (`reconcile_export_job`, so a restart resumes the wait) and the run
+waits, `waiting_for_export`, asking about the job every `reconciler.export_poll_interval`,
+outside the queue (waiting is not listing). Once the job says the day is `Completed`, the
+run reads the file; `CompletedEmptyRecords` means the day had no messages, and no file.
+
+The file is read as it downloads, from a fresh one-time link; a download that fails is
+begun again from a new link, skipping the lines already compared, `DOWNLOAD_TRIES` times
+at most, then the run is `incomplete`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from functools import partial
+
+import trio
+import urllib3
+
+from ..events import Event, iso_utc
+from ..store._reconcile import BATCH
+from ..twilio_exports import EMPTY, FAILED, READY, BulkExport, DayLink, ExportRefused, Job
+from .export_file import DayFile
+from .run import Batch, Run, RunDeps, RunEnded, journal_all, until_answered
+
+DOWNLOAD_TRIES = 3
+Prepared = bool  # True: the file can be read now; False: the run waits for its job
+
+
+async def prepare(run: Run, deps: RunDeps, bulk: BulkExport) -> Prepared:
+    """Whether the day can be read now; if not, a job is asked for (and journaled)."""
+    run.source = "export"
+    if run.job_sid is not None:  # resumed after a restart
+        return False
+    day = run.day.isoformat()
+    link = await until_answered(partial(bulk.day_link, day), "the day file", run, deps)
+    if isinstance(link, ExportRefused):
+        raise _refused("the day file", link)
+    if isinstance(link, DayLink):
+        return True
+    job = await until_answered(partial(bulk.create_job, day, f"msgledger {run.run_id}"),
+                               "the export job's creation", run, deps)
+    if isinstance(job, ExportRefused):
+        raise _refused("the export job's creation", job)
+    assert isinstance(job, Job)
+    run.job_sid, run.status = job.job_sid, "waiting_for_export"
+    await journal_all(deps.journal, [Event("reconcile_export_job", "reconcile",
+                                           iso_utc(deps.clock()), data={
+        "run_id": run.run_id, "date": day, "job_sid": job.job_sid})])
+    return job.day_state in (READY, EMPTY)
+
+
+async def wait_for_job(run: Run, deps: RunDeps, bulk: BulkExport, every: float) -> None:
+    """Ask about the run's job every `every` seconds until the day is done; RunEnded if
+    the job failed or cannot be asked about."""
+    assert run.job_sid is not None
+    run.status = "waiting_for_export"
+    while True:
+        await trio.sleep(every)
+        job = await until_answered(partial(bulk.job, run.job_sid, run.day.isoformat()),
+                                   f"export job {run.job_sid}", run, deps)
+        if isinstance(job, ExportRefused):
+            raise _refused(f"export job {run.job_sid}", job)
+        assert isinstance(job, Job)
+        if job.day_state in (READY, EMPTY):
+            run.status = "running"
+            return
+        if job.day_state in FAILED:
+            raise RunEnded("failed", f"export job {run.job_sid} ended {job.day_state}")
+
+
+async def export_batches(run: Run, deps: RunDeps, bulk: BulkExport) -> AsyncIterator[Batch]:
+    """The day file's rows, a batch at a time; none for a day without a file."""
+    compared, failure = 0, ""
+    for _ in range(DOWNLOAD_TRIES):
+        link = await until_answered(partial(bulk.day_link, run.day.isoformat()),
+                                    "the day file", run, deps)
+        if isinstance(link, ExportRefused):
+            raise _refused("the day file", link)
+        if not isinstance(link, DayLink):
+            return  # no file: the day had no messages
+        day_file = DayFile(bulk.download(link.url), skip=compared)
+        try:
+            while rows := await trio.to_thread.run_sync(day_file.batch, BATCH,
+                                                        abandon_on_cancel=True):
+                run.lines = day_file.lines
+                yield rows
+                compared = day_file.lines  # compared and journaled: never again
+            run.lines = day_file.lines
+            return
+        except (urllib3.exceptions.HTTPError, zlib.error, OSError) as error:
+            failure = f"{type(error).__name__}: {error}"
+            run.tally["downloads_failed"] += 1
+    raise RunEnded("incomplete", f"the day file could not be downloaded after"
+                   f" {DOWNLOAD_TRIES} tries ({compared} lines compared): {failure}")
+
+
+def _refused(what: str, answer: ExportRefused) -> RunEnded:
+    return RunEnded("failed", f"Twilio refused {what} (HTTP {answer.http_status}, code"
+                    f" {answer.error_code}): {answer.message}")

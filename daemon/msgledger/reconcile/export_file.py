@@ -1,0 +1,86 @@
+"""A Bulk Export day file, read as it downloads: gzip decompressed chunk by chunk, split
+into lines, each parsed leniently (docs/twilio.md, "Bulk Export"). Never more than a chunk
+and a batch in memory, whatever the day's size.
+
+Blocking (urllib3 and zlib): the run calls `DayFile.batch` from a worker thread.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import orjson
+
+from .rows import Broken, Listed, broken, from_export
+
+CHUNK = 256 * 1024  # compressed bytes a read
+MAX_LINE = 1 << 20  # bytes: a longer "line" is no message; it is cut and counted broken
+
+
+class Readable(Protocol):
+    def read(self, amt: int) -> bytes: ...
+
+
+def chunks_of(stream: Readable) -> Iterator[bytes]:
+    while chunk := stream.read(CHUNK):
+        yield chunk
+
+
+def lines_of(compressed: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a gzip stream (its members one after the other, as `gzip` reads
+    them); zlib.error if it is not gzip or ends in the middle of a member."""
+    inflate, pending = zlib.decompressobj(wbits=31), b""
+    for chunk in compressed:
+        while chunk:
+            data = inflate.decompress(chunk)
+            chunk = inflate.unused_data
+            if inflate.eof:  # a member ended: any bytes after it start the next
+                inflate = zlib.decompressobj(wbits=31) if chunk else inflate
+            pending += data
+            *whole, pending = pending.split(b"\n")
+            yield from whole
+            if len(pending) > MAX_LINE:
+                yield pending[:MAX_LINE]
+                pending = b""
+    if not inflate.eof:
+        raise zlib.error("the file ends in the middle of its gzip stream")
+    if pending:
+        yield pending
+
+
+def parse_line(line: bytes) -> Listed | Broken | None:
+    """One line as a listed message; None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        return broken(f"not JSON: {error}", line)
+    return from_export(item)
+
+
+class DayFile:
+    """A day file being read; `batch` gives its next rows, `lines` counts those read.
+    The first `skip` lines are read past unparsed (compared by an earlier download)."""
+
+    def __init__(self, compressed: Iterable[bytes], *, skip: int = 0) -> None:
+        self._lines = lines_of(compressed)
+        self._skip = skip
+        self.lines = 0
+
+    def batch(self, size: int) -> list[Listed | Broken]:
+        """Up to `size` more rows; [] once the file is read. Raises what the download or
+        the gzip stream raises (urllib3's errors, zlib.error)."""
+        rows: list[Listed | Broken] = []
+        for line in self._lines:
+            self.lines += 1
+            if self.lines <= self._skip:
+                continue
+            row = parse_line(line)
+            if row is not None:
+                rows.append(row)
+                if len(rows) == size:
+                    break
+        return rows
