@@ -26,7 +26,7 @@ import collections
 import datetime as dt
 import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event
@@ -46,14 +46,13 @@ class Day:
     """The UTC day a run covers, as the bounds the journal's times compare with."""
 
     date: dt.date
+    start: str = field(init=False)  # each listed row is compared with these: made once
+    end: str = field(init=False)
 
-    @property
-    def start(self) -> str:
-        return f"{self.date.isoformat()}T00:00:00"
-
-    @property
-    def end(self) -> str:
-        return f"{(self.date + dt.timedelta(days=1)).isoformat()}T00:00:00"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", f"{self.date.isoformat()}T00:00:00")
+        next_day = self.date + dt.timedelta(days=1)
+        object.__setattr__(self, "end", f"{next_day.isoformat()}T00:00:00")
 
     @property
     def closes_at(self) -> dt.datetime:

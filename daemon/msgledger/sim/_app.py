@@ -119,7 +119,10 @@ def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Respons
 
 def _list(sim: Simulator, knobs: SimKnobs, params: Mapping[str, str]) -> Response:
     query, now = parse_list_query(params), utcnow()
-    page = select_page(visible(sim.messages.values(), knobs.list_lag, now), query)
+    shown = visible(sim.messages.values(), knobs.list_lag, now)
+    # With a lag, what is shown changes with the clock: no order can be kept.
+    cached = None if knobs.list_lag > 0 else sim.list_cache.get(shown, query, sim.version)
+    page = select_page(shown, query, cached)
     hidden = partial(redacts_to, knobs, now=now)
     return json_reply(200, page_json(knobs.account_sid, query, page, redact_to=hidden))
 

@@ -134,11 +134,38 @@ def visible(messages: Iterable[SimMessage], lag: float, now: datetime) -> Iterab
     return (m for m in messages if m.listed_at <= cutoff)
 
 
-def select_page(messages: Iterable[SimMessage], query: ListQuery) -> PageSlice:
-    """The page the query asks for, from matching messages sorted newest first."""
-    ordered = sorted((m for m in messages if _matches(m, query)), key=sort_key, reverse=True)
-    # Negated keys ascend, so bisect can find the cursor in the newest-first order.
-    negated = [(-a, -b) for a, b in map(sort_key, ordered)]
+Ordered = tuple[list[SimMessage], list[SortKey]]  # newest first, and their negated keys
+
+
+def ordered(messages: Iterable[SimMessage], query: ListQuery) -> Ordered:
+    """The messages matching `query`, newest first, with the negated sort keys that let
+    bisect find a cursor in that order (negated keys ascend)."""
+    found = sorted((m for m in messages if _matches(m, query)), key=sort_key, reverse=True)
+    return found, [(-a, -b) for a, b in map(sort_key, found)]
+
+
+class ListCache:
+    """The last listing's order, kept while the messages and the filters stay the same: a
+    client paging through a million messages would otherwise have them all sorted again
+    for every page of a thousand."""
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._ordered: Ordered = ([], [])
+
+    def get(self, messages: Iterable[SimMessage], query: ListQuery, version: int) -> Ordered:
+        key = (version, query.to, query.from_, query.sent_on, query.sent_on_or_before,
+               query.sent_on_or_after)
+        if key != self._key:
+            self._key, self._ordered = key, ordered(messages, query)
+        return self._ordered
+
+
+def select_page(messages: Iterable[SimMessage], query: ListQuery,
+                cached: Ordered | None = None) -> PageSlice:
+    """The page the query asks for, from matching messages sorted newest first (`cached`:
+    that order, already made)."""
+    found, negated = cached if cached is not None else ordered(messages, query)
     start, stop = 0, query.page_size
     if query.cursor is not None:
         anchor = (-query.cursor.key[0], -query.cursor.key[1])
@@ -148,8 +175,8 @@ def select_page(messages: Iterable[SimMessage], query: ListQuery) -> PageSlice:
         else:
             stop = bisect.bisect_left(negated, anchor)
             start = max(0, stop - query.page_size)
-    items = tuple(ordered[start:stop])
-    return PageSlice(items=items, start=start, has_next=start + len(items) < len(ordered))
+    items = tuple(found[start:stop])
+    return PageSlice(items=items, start=start, has_next=start + len(items) < len(found))
 
 
 def page_json(

@@ -26,6 +26,7 @@ from ._lifecycle import (
     apply_step,
     plan_steps,
 )
+from ._listing import ListCache
 from ._stats import SimStats
 from ._store import MessageStore, SimMessage, count_segments, utcnow
 from ._wire import price_for
@@ -64,6 +65,7 @@ class Simulator:
         # Lifecycles roll their own dice: their timing must not shift the requests' rolls.
         self._lifecycle_dice = Dice(None if knobs.seed is None else f"{knobs.seed}:lifecycle")
         self._store = MessageStore()
+        self.list_cache = ListCache()  # the list's order, while no message changes
         # Export SIDs and links roll their own dice too: exporting must not shift message SIDs.
         self.exports = BulkExports(Dice(None if knobs.seed is None else f"{knobs.seed}:exports"))
         self._lifecycles = nursery
@@ -73,6 +75,11 @@ class Simulator:
         self._idle.set()
         self._throttled_requests = 0  # the next this many API requests are answered 429
         self._throttled_until = -math.inf  # and every one before this Trio time
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change to a message: when the list's cached order is stale."""
+        return self._store.version
 
     @property
     def messages(self) -> Mapping[str, SimMessage]:

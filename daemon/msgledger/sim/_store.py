@@ -55,6 +55,7 @@ class MessageStore:
 
     def __init__(self) -> None:
         self._messages: dict[str, SimMessage] = {}
+        self.version = 0  # bumped by every put
         self._seq = itertools.count()
 
     @property
@@ -68,6 +69,7 @@ class MessageStore:
         return self._messages.get(sid)
 
     def put(self, message: SimMessage) -> SimMessage:
+        self.version += 1  # what the list's cached order was sorted from has changed
         self._messages[message.sid] = message
         return message
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from ._schema import DAY_OF, RUN_KINDS_SQL
 
 BATCH = 1000  # SIDs a lookup: under SQLite's 32,766 variables, and few statements a day
@@ -125,5 +127,11 @@ def iter_run_events(conn: sqlite3.Connection) -> Iterator[RunEvent]:
         before = page[-1].seq
 
 
+_EMPTY: frozenset[str] = frozenset()
+
+
 def _set(text: object) -> frozenset[str]:
-    return frozenset(json.loads(str(text))) if text else frozenset()
+    """A stored JSON list of strings (`flags`, `terminals`); most are empty, read at once."""
+    if not text or text == "[]":
+        return _EMPTY
+    return frozenset(orjson.loads(str(text)))
