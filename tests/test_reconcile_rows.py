@@ -25,7 +25,7 @@ def test_a_page_row_is_read_with_its_rfc_2822_dates() -> None:
     assert isinstance(row, Listed) and row.problems == ()
     assert (row.date_created, row.date_sent) == ("2015-07-30T20:12:31.000000+00:00",
                                                  "2015-07-31T06:12:31.000000+00:00")
-    assert row.reported()["price"] == "-0.0079" and row.outbound
+    assert row.reported()["listed"]["price"] == "-0.0079" and row.outbound
 
 
 def test_an_export_line_reads_error_code_0_as_none() -> None:
@@ -56,7 +56,7 @@ def test_fields_of_the_wrong_type_are_named() -> None:
                     "date_created": 17, "extra": {"kept": True}})
     assert isinstance(row, Listed)
     assert set(row.problems) == {"status", "to", "error_code", "date_created"}
-    assert row.raw["extra"] == {"kept": True}
+    assert row.reported()["listed"]["extra"] == {"kept": True}
 
 
 @pytest.mark.parametrize("item", [[], "SM", None, {"sid": 5}, {"sid": "SMxyz"}, {}])

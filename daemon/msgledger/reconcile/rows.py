@@ -46,15 +46,16 @@ class Listed:
         return self.direction is None or self.direction in OUTBOUND
 
     def reported(self) -> dict[str, Any]:
-        """What a journaled event keeps of it: Twilio's fields as read, and `problems`."""
-        kept: dict[str, Any] = {"status": self.status, "error_code": self.error_code, "to": self.to,
-                                "from": self.from_,
+        """What a journaled event keeps of it: the fields as read, `problems`, and under
+        `listed` the row verbatim, unknown keys included, but for its body (kept, or not,
+        as `store.keep_body` says, by the comparison). Nested, so that a key of Twilio's
+        (a file's `flags`) is never read as one of the record's."""
+        kept: dict[str, Any] = {"status": self.status, "error_code": self.error_code,
+                                "to": self.to, "from": self.from_,
                                 "messaging_service_sid": self.messaging_service_sid,
                                 "date_created": self.date_created,
-                                "date_sent": self.date_sent, "direction": self.direction}
-        for name in ("date_updated", "price", "price_unit", "num_segments", "num_media"):
-            if name in self.raw:
-                kept[name] = self.raw[name]
+                                "date_sent": self.date_sent, "direction": self.direction,
+                                "listed": {k: v for k, v in self.raw.items() if k != "body"}}
         if self.problems:
             kept["problems"] = list(self.problems)
         return kept
