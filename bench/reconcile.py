@@ -201,6 +201,9 @@ def _peak_rss_mb(pid: int) -> float:
 
 def figures(result: dict[str, Any], count: int, floor: tuple[int, float]) -> dict[str, Any]:
     report = result["report"]
+    if report["status"] != "done" or report["duration_s"] is None:
+        raise RuntimeError(f"the {result['case']} run ended {report['status']}:"
+                           f" {report['reason']}")
     local = max(report["duration_s"] - report["waited_s"], 1e-9)
     floor_rate = floor[0] / floor[1]
     return {**result, "messages": count, "local_s": local, "rate": count / local,

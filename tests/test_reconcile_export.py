@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from msgledger import store
+from msgledger.events import Event
 from msgledger.sim import SimKnobs, Simulator, serve_sim
 
 from .conftest import ACCOUNT_SID, API_TOKEN, AUTH_TOKEN, Ledger, daemon_environ, open_ledger
@@ -156,3 +157,26 @@ async def _records(ledger: Ledger) -> list[dict[str, Any]]:
     page = (await ledger.client.get("/v1/messages", headers=BEARER,
                                     params={"limit": 1000})).json()
     return list(page["messages"])
+
+
+async def test_auto_takes_the_export_for_a_big_day_and_the_list_for_a_small_one(
+        tmp_path: Path) -> None:
+    """`reconciler.export_over` is the day's size, in the store, past which `auto` reads
+    Bulk Export (for a day old enough); at or under it, the list."""
+    path = tmp_path / "out.db"
+    async with simulator(export_job_delay=0.0) as sim:
+        message = sim.add_message(to=TO, status="delivered", date_created=NOON,
+                                  date_sent=NOON)
+        writer = store.JournalWriter.open(str(path))  # the day's one message, of that day
+        writer.append([Event("register", "register", NOON.isoformat(timespec="microseconds"),
+                             sid=message.sid, status="sent", data={"to": TO})])
+        writer.close()
+        runs = {}
+        for over in ("0", "1"):
+            env = {**env_for(sim), "MSGLEDGER_RECONCILER_EXPORT_OVER": over}
+            async with open_ledger(daemon_environ(path, **env)) as ledger:
+                runs[over] = await until(ledger, await ask(ledger, "auto"), *ENDED)
+    assert (runs["0"]["status"], runs["0"]["source"], runs["0"]["asked"]) == (
+        "done", "export", "auto")
+    assert (runs["1"]["status"], runs["1"]["source"]) == ("done", "list")
+    assert runs["0"]["lines"] == runs["0"]["counts"]["listed"] == 1

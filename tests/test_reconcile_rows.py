@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import zlib
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from msgledger.reconcile.compare import Day
 from msgledger.reconcile.export_file import DayFile, lines_of
 from msgledger.reconcile.rows import Broken, Listed, from_api, from_export
 
@@ -81,8 +83,9 @@ def test_a_day_file_is_read_in_batches_across_gzip_members() -> None:
     chunks = [data[i:i + 7] for i in range(0, len(data), 7)]  # cut anywhere
     day = DayFile(chunks)
     first, second, last = day.batch(3), day.batch(3), day.batch(3)
-    assert [r.sid for r in first] == [f"SM{i:032x}" for i in range(3)]  # type: ignore[union-attr]
+    assert [r["sid"] for r in first] == [f"SM{i:032x}" for i in range(3)]  # type: ignore[index]
     assert len(second) == 3 and isinstance(second[-1], Broken) and last == []
+    assert "not JSON" in second[-1].why
     assert day.lines == 7  # the blank line counts as read
 
 
@@ -90,7 +93,7 @@ def test_a_download_begun_again_skips_what_was_compared() -> None:
     data = gzip.compress(b"".join(orjson.dumps({"sid": f"SM{i:032x}"}) + b"\n"
                                   for i in range(4)))
     rows = DayFile([data], skip=3).batch(10)
-    assert [r.sid for r in rows] == [f"SM{3:032x}"]  # type: ignore[union-attr]
+    assert rows == [{"sid": f"SM{3:032x}"}]
 
 
 def test_a_file_cut_short_or_not_gzip_raises() -> None:
@@ -99,3 +102,15 @@ def test_a_file_cut_short_or_not_gzip_raises() -> None:
         list(lines_of([data[:len(data) // 2]]))
     with pytest.raises(zlib.error):
         list(lines_of([b"not gzip at all"]))
+
+
+def test_twilio_s_own_date_forms_are_known_without_parsing() -> None:
+    """The comparison's shortcut for rows the store already holds reads only Twilio's two
+    exact UTC forms on the day; anything else is left to the full reading."""
+    day = Day(dt.date(2026, 11, 27))
+    assert day.exactly_on("2026-11-27T23:59:59Z")
+    assert day.exactly_on("Fri, 27 Nov 2026 00:00:00 +0000")
+    for other in ("2026-11-28T00:00:00Z", "2026-11-27T23:30:00-05:00", "2026-11-27",
+                  "Fri, 27 Nov 2026 20:00:00 -0500", "Sat, 28 Nov 2026 00:00:00 +0000",
+                  None, 20261127, ["2026-11-27T12:00:00Z"]):
+        assert not day.exactly_on(other)

@@ -34,7 +34,7 @@ from ..store import rank
 from ..store._fold import MISSING, NOT_CREATED, NOT_FOUND, TERMINAL_RANK
 from ..store._reconcile import DayMessage, Known, UnknownSend
 from ..twilio_api import Fetched
-from .rows import Listed
+from .rows import OUTBOUND, Broken, Listed, Parse
 
 AMBIGUOUS = "ambiguous_match"
 IMPORTED = "imported"
@@ -48,11 +48,26 @@ class Day:
     date: dt.date
     start: str = field(init=False)  # each listed row is compared with these: made once
     end: str = field(init=False)
+    _iso: str = field(init=False)  # the day as Twilio's dates spell it (`exactly_on`)
+    _rfc: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "start", f"{self.date.isoformat()}T00:00:00")
         next_day = self.date + dt.timedelta(days=1)
         object.__setattr__(self, "end", f"{next_day.isoformat()}T00:00:00")
+        object.__setattr__(self, "_iso", f"{self.date.isoformat()}T")
+        object.__setattr__(self, "_rfc", self.date.strftime("%d %b %Y"))
+
+    def exactly_on(self, value: object) -> bool:
+        """Whether `value` is one of the two forms Twilio writes a UTC time in, on this
+        day: a file's `2026-11-27T12:00:00Z`, a page's `Fri, 27 Nov 2026 12:00:00 +0000`.
+        False for anything else, which the full reading then decides."""
+        if not isinstance(value, str):
+            return False
+        text = value
+        if len(text) == 20:
+            return text[19] == "Z" and text.startswith(self._iso)
+        return len(text) == 31 and text.endswith(" +0000") and text[5:16] == self._rfc
 
     @property
     def closes_at(self) -> dt.datetime:
@@ -124,27 +139,52 @@ class Comparison:
     keep_body: str  # store.keep_body: what an imported message keeps of Twilio's body
     now: Callable[[], str]  # the journal's `at` for the events made
     tally: collections.Counter[str]
+    note_broken: Callable[[Broken], None]  # a row that cannot be reconciled at all
 
-    def listed(self, batch: Iterable[Listed], known: dict[str, Known]) -> list[Event]:
-        """The events for a batch of listed messages; `known` is the store's, by SID."""
+    def listed(self, items: Iterable[object], known: dict[str, Known],
+               parse: Parse) -> list[Event]:
+        """The events for a batch of listed items (JSON values, or rows already `Broken`);
+        `known` is the store's messages, by SID; `parse` reads an item into a row."""
         events: list[Event] = []
-        for row in batch:
+        for item in items:
             self.tally["listed"] += 1
-            if not row.outbound:
-                self.tally["inbound_skipped"] += 1
-                continue
-            if not self.day.holds(row.date_sent or row.date_created):
-                self.tally["other_day"] += 1
-                continue
-            if row.problems:
-                self.tally["read_in_part"] += 1
-            found = known.get(row.sid)
-            if found is not None:
+            found = _known_of(item, known)
+            if found is not None and self._settled(item, found):  # most rows of most days
                 self.seen.add(found.id)
-                events += self._known(row, found)
+                self.tally["unchanged"] += 1
+                continue
+            row = item if isinstance(item, Broken) else parse(item)
+            if isinstance(row, Broken):
+                self.note_broken(row)
             else:
-                events += self._unknown(row)
+                events += self._compare(row, known)
         return events
+
+    def _settled(self, item: object, found: Known) -> bool:
+        """Whether the item, read as little as possible, is a message of the day the
+        store already holds as Twilio has it: one the full reading would find
+        `unchanged`. Only when every field it looks at has Twilio's own form."""
+        assert isinstance(item, dict)
+        status, direction = item.get("status"), item.get("direction")
+        return (status.__class__ is str and (direction is None or direction in OUTBOUND)
+                and not found.flags & _GONE
+                and not _is_news(status, found.status, found.terminals)
+                and self.day.exactly_on(item.get("date_sent") or item.get("date_created")))
+
+    def _compare(self, row: Listed, known: dict[str, Known]) -> list[Event]:
+        if not row.outbound:
+            self.tally["inbound_skipped"] += 1
+            return []
+        if not self.day.holds(row.date_sent or row.date_created):
+            self.tally["other_day"] += 1
+            return []
+        if row.problems:
+            self.tally["read_in_part"] += 1
+        found = known.get(row.sid)
+        if found is not None:
+            self.seen.add(found.id)
+            return self._known(row, found)
+        return self._unknown(row)
 
     def unlisted(self, batch: Iterable[DayMessage]) -> list[DayMessage]:
         """The day's messages with a SID the listing did not name: to fetch by SID."""
@@ -231,6 +271,13 @@ class Comparison:
                status: str | None = None, data: dict[str, Any]) -> Event:
         return Event(kind, "reconcile", self.now(), sid=sid, ref=ref, status=status,
                      data={**data, "run_id": self.run_id})
+
+
+def _known_of(item: object, known: dict[str, Known]) -> Known | None:
+    if not isinstance(item, dict):
+        return None
+    sid = item.get("sid")
+    return known.get(sid) if sid.__class__ is str else None
 
 
 def _is_news(twilio: str, ours: str | None, terminals: frozenset[str]) -> bool:

@@ -25,6 +25,7 @@ from ..events import Event, iso_utc
 from ..store._reconcile import BATCH
 from ..twilio_exports import EMPTY, FAILED, READY, BulkExport, DayLink, ExportRefused, Job
 from .export_file import DayFile
+from .rows import from_export
 from .run import Batch, Run, RunDeps, RunEnded, journal_all, until_answered
 
 DOWNLOAD_TRIES = 3
@@ -88,7 +89,7 @@ async def export_batches(run: Run, deps: RunDeps, bulk: BulkExport) -> AsyncIter
             while rows := await trio.to_thread.run_sync(day_file.batch, BATCH,
                                                         abandon_on_cancel=True):
                 run.lines = day_file.lines
-                yield rows
+                yield Batch(rows, from_export)
                 compared = day_file.lines  # compared and journaled: never again
             run.lines = day_file.lines
             return

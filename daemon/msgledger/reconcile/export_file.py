@@ -13,9 +13,10 @@ from typing import Protocol
 
 import orjson
 
-from .rows import Broken, Listed, broken, from_export
+from .rows import broken
 
 CHUNK = 256 * 1024  # compressed bytes a read
+INFLATE_MOST = 256 * 1024  # bytes inflated at a time
 MAX_LINE = 1 << 20  # bytes: a longer "line" is no message; it is cut and counted broken
 
 
@@ -30,35 +31,38 @@ def chunks_of(stream: Readable) -> Iterator[bytes]:
 
 def lines_of(compressed: Iterable[bytes]) -> Iterator[bytes]:
     """The lines of a gzip stream (its members one after the other, as `gzip` reads
-    them); zlib.error if it is not gzip or ends in the middle of a member."""
+    them); zlib.error if it is not gzip or ends in the middle of a member. At most
+    INFLATE_MOST bytes are inflated at a time: JSON lines compress fiftyfold, so one
+    chunk would otherwise become 13 MB, and its lines as many again."""
     inflate, pending = zlib.decompressobj(wbits=31), b""
     for chunk in compressed:
-        while chunk:
-            data = inflate.decompress(chunk)
-            chunk = inflate.unused_data
-            if inflate.eof:  # a member ended: any bytes after it start the next
-                inflate = zlib.decompressobj(wbits=31) if chunk else inflate
-            pending += data
-            *whole, pending = pending.split(b"\n")
+        while True:
+            data = inflate.decompress(chunk, INFLATE_MOST)
+            chunk = inflate.unconsumed_tail
+            if inflate.eof and inflate.unused_data:  # the next member starts here
+                chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=31)
+            *whole, pending = (pending + data).split(b"\n")
             yield from whole
             if len(pending) > MAX_LINE:
                 yield pending[:MAX_LINE]
                 pending = b""
+            if not chunk and len(data) < INFLATE_MOST:
+                break
     if not inflate.eof:
         raise zlib.error("the file ends in the middle of its gzip stream")
     if pending:
         yield pending
 
 
-def parse_line(line: bytes) -> Listed | Broken | None:
-    """One line as a listed message; None for a blank line."""
+def parse_line(line: bytes) -> object:
+    """One line as its JSON value (read as a row by the comparison, `rows.from_export`),
+    `Broken` if it is not JSON; None for a blank line."""
     if not line.strip():
         return None
     try:
-        item = orjson.loads(line)
+        return orjson.loads(line)
     except orjson.JSONDecodeError as error:
         return broken(f"not JSON: {error}", line)
-    return from_export(item)
 
 
 class DayFile:
@@ -70,10 +74,10 @@ class DayFile:
         self._skip = skip
         self.lines = 0
 
-    def batch(self, size: int) -> list[Listed | Broken]:
-        """Up to `size` more rows; [] once the file is read. Raises what the download or
-        the gzip stream raises (urllib3's errors, zlib.error)."""
-        rows: list[Listed | Broken] = []
+    def batch(self, size: int) -> list[object]:
+        """Up to `size` more lines' values; [] once the file is read. Raises what the
+        download or the gzip stream raises (urllib3's errors, zlib.error)."""
+        rows: list[object] = []
         for line in self._lines:
             self.lines += 1
             if self.lines <= self._skip:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,15 @@ class Listed:
         if self.problems:
             kept["problems"] = list(self.problems)
         return kept
+
+
+Parse = Callable[[object], "Listed | Broken"]  # `from_api` or `from_export`
+
+
+def sid_of(item: object) -> str | None:
+    """An item's SID as the store is asked for it: any text under `sid`."""
+    sid = item.get("sid") if isinstance(item, dict) else None
+    return sid if isinstance(sid, str) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from ..twilio_api import (
     Throttled,
 )
 from .compare import Candidates, Comparison, Day, Seen
-from .rows import Broken, Listed, from_api
+from .rows import Broken, Parse, from_api, sid_of
 
 Status: TypeAlias = Literal["running", "waiting_for_export", "done", "incomplete", "failed"]
 Source: TypeAlias = Literal["auto", "list", "export"]
@@ -111,7 +111,13 @@ class RunDeps:
     rng: random.Random = field(default_factory=random.Random)
 
 
-Batch: TypeAlias = list[Listed | Broken]
+@dataclass(frozen=True)
+class Batch:
+    """Part of a source: items as it gave them (JSON values; `Broken` lines that were no
+    JSON), and how one is read into a row."""
+
+    items: list[object]
+    parse: Parse
 
 
 async def reconcile_day(run: Run, batches: AsyncIterator[Batch], deps: RunDeps) -> None:
@@ -121,7 +127,7 @@ async def reconcile_day(run: Run, batches: AsyncIterator[Batch], deps: RunDeps) 
     try:
         comparison = await _comparison(run, deps)
         async for batch in batches:
-            await _compare_batch(run, comparison, batch, deps)
+            await _compare_batch(comparison, batch, deps)
         await _settle_unlisted(run, comparison, deps)
         window_over = comparison.day.closes_at + dt.timedelta(seconds=deps.match_window)
         if deps.clock() >= window_over:  # a send of the day's last minutes may list late
@@ -143,7 +149,7 @@ async def list_batches(run: Run, deps: RunDeps) -> AsyncIterator[Batch]:
         page = await _page(uri, params, run, deps)
         run.pages += 1
         run.last_page = uri or "first"
-        yield [from_api(item) for item in page.messages]
+        yield Batch(page.messages, from_api)
         if page.next_page_uri is None:
             return
         uri = page.next_page_uri
@@ -194,22 +200,17 @@ async def _comparison(run: Run, deps: RunDeps) -> Comparison:
     sends = await deps.reads.run(queries.unknown_sends, start, end)
     id_range = await deps.reads.run(queries.day_id_range, day.start, day.end)
     return Comparison(run.run_id, day, Candidates(sends, deps.match_window), Seen(id_range),
-                      deps.keep_body, lambda: iso_utc(deps.clock()), run.tally)
+                      deps.keep_body, lambda: iso_utc(deps.clock()), run.tally,
+                      run.note_broken)
 
 
-async def _compare_batch(run: Run, comparison: Comparison, batch: Batch,
-                         deps: RunDeps) -> None:
-    rows: list[Listed] = []
-    for row in batch:
-        if isinstance(row, Broken):
-            run.note_broken(row)
-        else:
-            rows.append(row)
-    for start in range(0, len(rows), queries.BATCH):
-        chunk = rows[start:start + queries.BATCH]
-        known = await deps.reads.run(queries.known_sids, sorted({r.sid for r in chunk}))
+async def _compare_batch(comparison: Comparison, batch: Batch, deps: RunDeps) -> None:
+    for start in range(0, len(batch.items), queries.BATCH):
+        chunk = batch.items[start:start + queries.BATCH]
+        sids = sorted({sid for item in chunk if (sid := sid_of(item)) is not None})
+        known = await deps.reads.run(queries.known_sids, sids)
         # Committed before the next batch is looked up: a SID listed twice is imported once.
-        await journal_all(deps.journal, comparison.listed(chunk, known))
+        await journal_all(deps.journal, comparison.listed(chunk, known, batch.parse))
 
 
 async def _settle_unlisted(run: Run, comparison: Comparison, deps: RunDeps) -> None:
