@@ -307,3 +307,77 @@ async def test_the_same_day_asked_twice_while_queued_is_one_run(
         assert await reconciler.request(DAY, "list") is first
         await first.recorded.wait()
         assert (await reconciler.request(DAY, "list")) is not first
+
+
+async def test_a_sid_listed_twice_in_a_page_is_matched_once(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        listed = rig.sim.add_message(to=TO, from_="+15005550001", status="delivered",
+                                     date_created=NOON, date_sent=NOON)
+        await rig.journal(*lost_send("ref-lost", NOON))
+
+        async def twice(uri: str | None, params: dict[str, str]) -> Page:
+            page = await sim_list_page(rig.sim)(uri, params)
+            assert isinstance(page, Page)
+            return Page(page.messages * 2, None)
+
+        async with running(rig, list_page=twice) as reconciler:
+            run = await reconcile(reconciler)
+        assert (run.tally["sid_matched"], run.tally["listed_twice"]) == (1, 1)
+        record = rig.record(listed.sid)
+        assert (record["ref"], record["flags"]) == ("ref-lost", [])
+
+
+async def test_ambiguity_does_not_depend_on_the_listing_s_order(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """Two lost sends, two listed messages either could be: all four are ambiguous."""
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        x, y = (rig.sim.add_message(to=TO, from_="+15005550001", status="delivered",
+                                    date_created=NOON + n * MINUTE, date_sent=NOON + n * MINUTE)
+                for n in (0, 1))
+        await rig.journal(*lost_send("ref-a", NOON), *lost_send("ref-b", NOON + MINUTE))
+        async with running(rig) as reconciler:
+            run = await reconcile(reconciler)
+        found = records(rig)
+        assert run.tally["ambiguous_match"] == 2 and run.tally["sid_matched"] == 0
+        for sid in (x.sid, y.sid):
+            assert set(found[sid]["flags"]) == {"imported", "ambiguous_match"}
+        for ref in ("ref-a", "ref-b"):
+            assert found[ref]["flags"] == ["ambiguous_match"]
+
+
+async def test_an_import_counts_for_the_day_twilio_sent_it(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        listed = rig.sim.add_message(to=TO, status="sent", date_created=NOON - MINUTE,
+                                     date_sent=NOON)
+        async with running(rig) as reconciler:
+            await reconcile(reconciler)
+            record = rig.record(listed.sid)
+            today = await reconcile(reconciler, reconciler.clock().date())
+            again = await reconcile(reconciler)
+    assert (record["created_at"], record["sent_at"]) == (
+        (NOON - MINUTE).isoformat(timespec="microseconds"),
+        NOON.isoformat(timespec="microseconds"))
+    assert today.tally["fetched_unlisted"] == 0  # not filed under the day of the run
+    assert (again.tally["fetched_unlisted"], again.tally["unchanged"]) == (0, 1)
+
+
+async def test_a_run_that_meets_the_unforeseen_fails_and_the_next_one_runs(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    calls = 0
+
+    async def bug_once(uri: str | None, params: dict[str, str]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a rule nobody wrote")
+        return await pages(uri, params)
+
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        pages = sim_list_page(rig.sim)
+        async with running(rig, list_page=bug_once) as reconciler:
+            failed = await reconcile(reconciler)
+            done = await reconcile(reconciler)
+    assert failed.status == "failed" and "a rule nobody wrote" in str(failed.reason)
+    assert done.status == "done"

@@ -112,5 +112,7 @@ def test_twilio_s_own_date_forms_are_known_without_parsing() -> None:
     assert day.exactly_on("Fri, 27 Nov 2026 00:00:00 +0000")
     for other in ("2026-11-28T00:00:00Z", "2026-11-27T23:30:00-05:00", "2026-11-27",
                   "Fri, 27 Nov 2026 20:00:00 -0500", "Sat, 28 Nov 2026 00:00:00 +0000",
+                  "2026-11-27T24:00:00Z", "2026-11-27Tab:cd:efZ",
+                  "Fri, 27 Nov 2026 99:99:99 +0000",
                   None, 20261127, ["2026-11-27T12:00:00Z"]):
         assert not day.exactly_on(other)

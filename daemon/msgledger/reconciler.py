@@ -140,6 +140,9 @@ class Reconciler:
             self._end(run, ended.status, str(ended))
         except StoreUnreadable as error:  # the run fails; the daemon, whose store it is, not
             self._end(run, "failed", f"the store cannot be read: {error}")
+        except Exception as error:  # input no rule foresaw: this run fails, nothing else
+            log.exception("reconcile_run_crashed", run_id=run.run_id)
+            self._end(run, "failed", f"{type(error).__name__}: {error}"[:500])
         finally:
             if not waits:
                 if run.finished_at is None:  # cancelled: the daemon stops
@@ -152,6 +155,8 @@ class Reconciler:
         if source == "list":
             return list_batches(run, self._deps)
         if run.day > exportable_until(self.clock()):
+            if run.trigger == "daily":  # reconciler.source = export: yesterday is listed
+                return list_batches(run, self._deps)
             raise RunEnded("failed", "Bulk Export makes files only of days at least two days"
                            f" old: {run.day} is too recent (use the list)")
         if run.export_ready or await export.prepare(run, self._deps, self._bulk):
@@ -165,6 +170,11 @@ class Reconciler:
                                       self._config.export_poll_interval)
         except RunEnded as ended:
             self._end(run, ended.status, str(ended))
+            await self._record(run)
+            return
+        except Exception as error:  # as in _run_one: the run fails, the daemon goes on
+            log.exception("reconcile_run_crashed", run_id=run.run_id)
+            self._end(run, "failed", f"{type(error).__name__}: {error}"[:500])
             await self._record(run)
             return
         run.export_ready = True

@@ -100,7 +100,9 @@ class BulkExport:
         thread); urllib3's errors if the download fails. No credentials go with it: the
         link is signed."""
         answer = self._api.http.pool.request(
-            "GET", url, preload_content=False, redirect=False, retries=False,
+            # decode_content off: the gzip is the file, whatever Content-Encoding says.
+            "GET", url, preload_content=False, decode_content=False, redirect=False,
+            retries=False,
             timeout=urllib3.Timeout(connect=self._api.config.timeout,
                                     read=self._api.config.timeout))
         try:
@@ -121,6 +123,8 @@ class BulkExport:
             status, code, message = e.status, e.code, str(e.detail or e.title)
         except urllib3.exceptions.HTTPError as e:
             return Throttled(f"{type(e).__name__}: {e}")
+        except Exception as e:  # a 2xx the client could not read (not JSON, wrong shape)
+            return ExportRefused(200, None, f"unreadable answer: {type(e).__name__}: {e}"[:300])
         if status == 404 and not_found is not None:
             return not_found
         refused = fetch_error(status, code, message)
@@ -142,7 +146,8 @@ def day_state(details: object, day: str) -> str | None:
     if not isinstance(details, list):
         return None
     for group in details:
-        if isinstance(group, dict) and day in (group.get("days") or ()):
+        days = group.get("days") if isinstance(group, dict) else None
+        if isinstance(days, list) and day in days:
             status = group.get("status")
             return status.lower() if isinstance(status, str) else None
     return None

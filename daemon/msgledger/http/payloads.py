@@ -230,9 +230,12 @@ def _day(payload: Mapping[str, Any], today: dt.date) -> dt.date:
     if day > today:
         raise Invalid("date", f"{day} is in the future: today is {today} (UTC), and a run"
                       " covers a day up to now")
+    if day < FIRST_DAY:
+        raise Invalid("date", f"{day} is before {FIRST_DAY}: Twilio keeps no messages so old")
     return day
 
 
+FIRST_DAY = dt.date(2008, 1, 1)  # before Twilio existed: nothing to list (and no overflow)
 RUNS_PARAMETERS = frozenset({"limit"})
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,10 @@ from ..store import rank
 from ..store._fold import MISSING, NOT_CREATED, NOT_FOUND, TERMINAL_RANK
 from ..store._reconcile import DayMessage, Known, UnknownSend
 from ..twilio_api import Fetched
-from .rows import OUTBOUND, Broken, Listed, Parse
+from .rows import OUTBOUND, SID, Broken, Listed, Parse
 
+_ISO_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ")
+_RFC_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d \+0000")
 AMBIGUOUS = "ambiguous_match"
 IMPORTED = "imported"
 _GONE = frozenset({MISSING, NOT_FOUND})
@@ -64,10 +67,10 @@ class Day:
         False for anything else, which the full reading then decides."""
         if not isinstance(value, str):
             return False
-        text = value
-        if len(text) == 20:
-            return text[19] == "Z" and text.startswith(self._iso)
-        return len(text) == 31 and text.endswith(" +0000") and text[5:16] == self._rfc
+        if len(value) == 20:
+            return value.startswith(self._iso) and _ISO_TIME.fullmatch(value, 11) is not None
+        return (len(value) == 31 and value[5:16] == self._rfc
+                and _RFC_TIME.fullmatch(value, 17) is not None)
 
     @property
     def closes_at(self) -> dt.datetime:
@@ -85,6 +88,11 @@ class Seen:
         self._low, high = id_range or (1, 0)
         self._bits = bytearray(max(0, high - self._low) // 8 + 1)
         self._high = high
+
+    def began_after(self, message_id: int) -> bool:
+        """Whether the message came into the store after the run began (above the day's
+        ids then): one of this run's imports, or a callback's since."""
+        return message_id > self._high
 
     def add(self, message_id: int) -> None:
         if self._low <= message_id <= self._high:
@@ -105,8 +113,11 @@ class Candidates:
     def __init__(self, sends: Iterable[UnknownSend], window: float) -> None:
         self._window = window
         self._by_prefix: dict[str, list[UnknownSend]] = collections.defaultdict(list)
+        # (A send flagged ambiguous stays a candidate: whether a later listed message is
+        # ambiguous must not depend on the order of the listing.)
         self._created: dict[str, float] = {}
-        self.matched: set[str] = set()  # refs given a SID, or flagged ambiguous, this run
+        self.matched: set[str] = set()  # refs given a SID this run: no longer candidates
+        self.ambiguous: set[str] = set()  # refs flagged ambiguous this run: still candidates
         for send in sends:
             if send.to:
                 self._by_prefix[send.to[:-4]].append(send)
@@ -146,6 +157,7 @@ class Comparison:
         """The events for a batch of listed items (JSON values, or rows already `Broken`);
         `known` is the store's messages, by SID; `parse` reads an item into a row."""
         events: list[Event] = []
+        handled: set[str] = set()  # SIDs the store did not know, journaled by this call
         for item in items:
             self.tally["listed"] += 1
             found = _known_of(item, known)
@@ -156,7 +168,11 @@ class Comparison:
             row = item if isinstance(item, Broken) else parse(item)
             if isinstance(row, Broken):
                 self.note_broken(row)
+            elif row.sid in handled:  # twice in one batch: once is enough
+                self.tally["listed_twice"] += 1
             else:
+                if row.sid not in known:
+                    handled.add(row.sid)
                 events += self._compare(row, known)
         return events
 
@@ -188,7 +204,8 @@ class Comparison:
 
     def unlisted(self, batch: Iterable[DayMessage]) -> list[DayMessage]:
         """The day's messages with a SID the listing did not name: to fetch by SID."""
-        return [m for m in batch if m.sid is not None and m.id not in self.seen]
+        return [m for m in batch if m.sid is not None and m.id not in self.seen
+                and not self.seen.began_after(m.id)]
 
     def after_fetch(self, message: DayMessage, answer: Fetched) -> list[Event]:
         """The event for an unlisted message once fetched: found (perhaps a newer status),
@@ -217,7 +234,8 @@ class Comparison:
         the listing is whole and the day (and its match window) is over."""
         events = []
         for send in self.candidates.all():
-            if (send.ref in self.candidates.matched or not self.day.holds(send.created_at)
+            if (send.ref in self.candidates.matched or send.ref in self.candidates.ambiguous
+                    or not self.day.holds(send.created_at)
                     or send.flags & {NOT_CREATED, AMBIGUOUS}):
                 continue
             self.tally[NOT_CREATED] += 1
@@ -237,9 +255,10 @@ class Comparison:
 
     def _unknown(self, row: Listed) -> list[Event]:
         candidates = self.candidates.of(row)
-        if len(candidates) == 1:
+        if len(candidates) == 1 and candidates[0].ref not in self.candidates.ambiguous:
             [send] = candidates
             self.candidates.matched.add(send.ref)
+            self.seen.add(send.id)
             self.tally["sid_matched"] += 1
             return [self._event("sid_matched", sid=row.sid, ref=send.ref, status=row.status,
                                 data={**row.reported(), "found": True})]
@@ -249,9 +268,10 @@ class Comparison:
             self.tally[AMBIGUOUS] += 1
             flags.append(AMBIGUOUS)
             for send in candidates:
-                self.candidates.matched.add(send.ref)
-                events.append(self._event("reconciled", ref=send.ref, data={
-                    "flags": [AMBIGUOUS], "listed_sid": row.sid}))
+                if send.ref not in self.candidates.ambiguous:
+                    self.candidates.ambiguous.add(send.ref)
+                    events.append(self._event("reconciled", ref=send.ref, data={
+                        "flags": [AMBIGUOUS], "listed_sid": row.sid}))
         self.tally[IMPORTED] += 1
         data = {**row.reported(), **self._body(row.body), "flags": flags, "found": True}
         if candidates:
@@ -277,7 +297,7 @@ def _known_of(item: object, known: dict[str, Known]) -> Known | None:
     if not isinstance(item, dict):
         return None
     sid = item.get("sid")
-    return known.get(sid) if sid.__class__ is str else None
+    return known.get(sid) if sid.__class__ is str and SID.fullmatch(sid) else None
 
 
 def _is_news(twilio: str, ours: str | None, terminals: frozenset[str]) -> bool:

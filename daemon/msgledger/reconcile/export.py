@@ -29,6 +29,8 @@ from .rows import from_export
 from .run import Batch, Run, RunDeps, RunEnded, journal_all, until_answered
 
 DOWNLOAD_TRIES = 3
+EXPORT_WAIT_MOST = 24 * 3600.0  # seconds a job may take (Twilio: minutes to hours); then
+# the run is incomplete and holds no place in the queue any longer
 Prepared = bool  # True: the file can be read now; False: the run waits for its job
 
 
@@ -42,13 +44,14 @@ async def prepare(run: Run, deps: RunDeps, bulk: BulkExport) -> Prepared:
     if isinstance(link, ExportRefused):
         raise _refused("the day file", link)
     if isinstance(link, DayLink):
+        run.export_state = READY
         return True
     job = await until_answered(partial(bulk.create_job, day, f"msgledger {run.run_id}"),
                                "the export job's creation", run, deps)
     if isinstance(job, ExportRefused):
         raise _refused("the export job's creation", job)
     assert isinstance(job, Job)
-    run.job_sid, run.status = job.job_sid, "waiting_for_export"
+    run.job_sid, run.status, run.export_state = job.job_sid, "waiting_for_export", job.day_state
     await journal_all(deps.journal, [Event("reconcile_export_job", "reconcile",
                                            iso_utc(deps.clock()), data={
         "run_id": run.run_id, "date": day, "job_sid": job.job_sid})])
@@ -59,7 +62,7 @@ async def wait_for_job(run: Run, deps: RunDeps, bulk: BulkExport, every: float) 
     """Ask about the run's job every `every` seconds until the day is done; RunEnded if
     the job failed or cannot be asked about."""
     assert run.job_sid is not None
-    run.status = "waiting_for_export"
+    run.status, waiting_since = "waiting_for_export", trio.current_time()
     while True:
         await trio.sleep(every)
         job = await until_answered(partial(bulk.job, run.job_sid, run.day.isoformat()),
@@ -67,11 +70,16 @@ async def wait_for_job(run: Run, deps: RunDeps, bulk: BulkExport, every: float) 
         if isinstance(job, ExportRefused):
             raise _refused(f"export job {run.job_sid}", job)
         assert isinstance(job, Job)
+        run.export_state = job.day_state
         if job.day_state in (READY, EMPTY):
             run.status = "running"
             return
         if job.day_state in FAILED:
             raise RunEnded("failed", f"export job {run.job_sid} ended {job.day_state}")
+        if trio.current_time() - waiting_since > EXPORT_WAIT_MOST:
+            raise RunEnded("incomplete", f"export job {run.job_sid} still says"
+                           f" {job.day_state!r} after {EXPORT_WAIT_MOST / 3600:g} h; the next"
+                           " daily run asks again")
 
 
 async def export_batches(run: Run, deps: RunDeps, bulk: BulkExport) -> AsyncIterator[Batch]:
@@ -83,7 +91,10 @@ async def export_batches(run: Run, deps: RunDeps, bulk: BulkExport) -> AsyncIter
         if isinstance(link, ExportRefused):
             raise _refused("the day file", link)
         if not isinstance(link, DayLink):
-            return  # no file: the day had no messages
+            if run.export_state == EMPTY:
+                return  # the job said so: the day had no messages, and there is no file
+            raise RunEnded("incomplete", "Twilio has no file of the day although its export"
+                           f" job said {run.export_state!r} (deleted after seven days?)")
         day_file = DayFile(bulk.download(link.url), skip=compared)
         try:
             while rows := await trio.to_thread.run_sync(day_file.batch, BATCH,

@@ -17,7 +17,7 @@ from .rows import broken
 
 CHUNK = 256 * 1024  # compressed bytes a read
 INFLATE_MOST = 256 * 1024  # bytes inflated at a time
-MAX_LINE = 1 << 20  # bytes: a longer "line" is no message; it is cut and counted broken
+MAX_LINE = 64 * 1024  # bytes: a row is at most a few KB; a longer "line" is cut (broken)
 
 
 class Readable(Protocol):
@@ -60,9 +60,10 @@ def parse_line(line: bytes) -> object:
     if not line.strip():
         return None
     try:
-        return orjson.loads(line)
+        value = orjson.loads(line)
     except orjson.JSONDecodeError as error:
         return broken(f"not JSON: {error}", line)
+    return broken("null", line) if value is None else value
 
 
 class DayFile:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..events import iso_utc
 
-_SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")
+SID = re.compile(r"(SM|MM)[0-9a-fA-F]{32}")  # a message's
 OUTBOUND = ("outbound-api", "outbound-call", "outbound-reply")  # Twilio's directions
 MAX_RAW = 2000  # characters of a broken line a run report keeps
 
@@ -101,7 +101,7 @@ def _listed(item: object, date: Any, *, error_zero_is_none: bool) -> Listed | Br
     if not isinstance(item, dict):
         return broken(f"not an object but {type(item).__name__}", repr(item))
     sid = item.get("sid")
-    if not isinstance(sid, str) or not _SID.fullmatch(sid):
+    if not isinstance(sid, str) or not SID.fullmatch(sid):
         return broken("no message SID", repr(item))
     problems: list[str] = []
     # One loop each rather than a call a field: a day file has millions of lines.
@@ -163,9 +163,9 @@ def _rfc2822(value: str) -> str | None:
         return f"{exact[3]}-{month:02d}-{exact[1]}T{exact[4]}.000000+00:00"
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))
+    except (TypeError, ValueError, IndexError, OverflowError):  # year 9999 at -2359, say
         return None
-    return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))
 
 
 def _iso(value: str) -> str | None:
@@ -180,6 +180,6 @@ def _iso(value: str) -> str | None:
         return f"{value[:19]}.000000+00:00"
     try:
         moment = dt.datetime.fromisoformat(value)
-    except ValueError:
+        return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))
+    except (ValueError, OverflowError):  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
         return None
-    return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))

@@ -45,6 +45,7 @@ PAGE_SIZE = 1000  # Twilio's most
 MAX_TRIES = 8  # a throttled request is tried this often; then the run is incomplete
 BACKOFF_FIRST = 1.0  # seconds, doubling, full jitter (docs/twilio.md, "Rate limits when reading")
 BACKOFF_MOST = 60.0
+SENT_LATE = dt.timedelta(days=1)  # how long before its listed day a send may have been made
 BROKEN_KEPT = 20  # broken rows a report quotes verbatim; all are counted
 
 
@@ -67,6 +68,7 @@ class Run:
     last_page: str | None = None  # the last list page read (its URI), for a resume by hand
     job_sid: str | None = None  # the Bulk Export job waited for
     export_ready: bool = False  # its job is done: the day file can be read
+    export_state: str | None = None  # the day's state in its job (lower case), or READY
     waited_s: float = 0.0  # of duration_s, the time spent waiting for Twilio's answers
     tally: collections.Counter[str] = field(default_factory=collections.Counter)
     broken: list[dict[str, str]] = field(default_factory=list)
@@ -152,6 +154,8 @@ async def list_batches(run: Run, deps: RunDeps) -> AsyncIterator[Batch]:
         yield Batch(page.messages, from_api)
         if page.next_page_uri is None:
             return
+        if page.next_page_uri == uri:
+            raise RunEnded("failed", f"Twilio's page {run.pages} names itself as the next")
         uri = page.next_page_uri
 
 
@@ -195,7 +199,9 @@ async def _answered(ask: Callable[[], Awaitable[T]], where: str, deps: RunDeps) 
 async def _comparison(run: Run, deps: RunDeps) -> Comparison:
     day = Day(run.day)
     margin = dt.timedelta(seconds=deps.match_window)
-    start = iso_utc(dt.datetime.combine(run.day, dt.time(), dt.UTC) - margin)
+    # A send of the day before may be listed today (Twilio sent it after midnight): its
+    # day's run flagged it not_created, and a match here withdraws that.
+    start = iso_utc(dt.datetime.combine(run.day, dt.time(), dt.UTC) - SENT_LATE - margin)
     end = iso_utc(day.closes_at + margin)
     sends = await deps.reads.run(queries.unknown_sends, start, end)
     id_range = await deps.reads.run(queries.day_id_range, day.start, day.end)

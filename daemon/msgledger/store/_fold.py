@@ -18,6 +18,7 @@ journal order.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,10 @@ UNCONFIRMED = "unconfirmed"  # the poller gave up before any final status
 MISSING = "missing_at_twilio"  # the reconciler: not listed, and its fetch answered 404
 NOT_CREATED = "not_created"  # the reconciler: a send of unknown outcome Twilio never had
 _GONE = frozenset({NOT_FOUND, MISSING})  # withdrawn by an answer that found the message
+# The reconciler's events about a listed message: its `date_created` and `date_sent` are
+# Twilio's, and date the record (so an import counts for the day Twilio sent it).
+_TWILIO_DATED = frozenset({"reconciled", "sid_matched"})
+_JOURNAL_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
 
 
 def rank(status: str) -> int:
@@ -129,6 +134,10 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
         flags = flags | {UNCONFIRMED}
     elif event.kind in ("reconciled", "sid_matched") and event.data.get("found") is True:
         flags = flags - _GONE
+    created_at = min(s.created_at, event.at)
+    if event.kind in _TWILIO_DATED:  # what Twilio listed: its own times, not the run's
+        created_at = _earliest(created_at, event.data.get("date_created")) or created_at
+        sent_at = _earliest(sent_at, event.data.get("date_sent"))
     if event.status is not None:
         new = event.status
         if rank(new) >= 1:
@@ -158,7 +167,7 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
         error_code=error_code,
         terminals=terminals,
         flags=flags,
-        created_at=min(s.created_at, event.at),
+        created_at=created_at,
         updated_at=max(s.updated_at, event.at),
         sent_at=sent_at,
         polls=polls,
@@ -172,6 +181,14 @@ def poll_from(state: MessageState) -> str | None:
     if state.sid is None or state.status in FINAL or UNCONFIRMED in state.flags:
         return None
     return state.sent_at or state.created_at
+
+
+def _earliest(current: str | None, proposed: object) -> str | None:
+    """The earlier of two times, ignoring a missing one: the same in any order. Only the
+    journal's own form counts (ISO 8601, UTC, microseconds, as `rows` writes them)."""
+    if not isinstance(proposed, str) or not _JOURNAL_TIME.fullmatch(proposed):
+        return current
+    return proposed if current is None else min(current, proposed)
 
 
 def _latest(current: str | None, proposed: object) -> str | None:

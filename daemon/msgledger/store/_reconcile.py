@@ -35,6 +35,7 @@ class Known:
 class UnknownSend:
     """A send whose outcome is unknown (no SID): what a listed message is matched on."""
 
+    id: int
     ref: str
     to: str | None
     from_: str | None
@@ -69,11 +70,12 @@ def unknown_sends(conn: sqlite3.Connection, start: str, end: str) -> list[Unknow
     """The sends of unknown outcome first seen in [start, end): the candidates of one day's
     matching. As many as sends were lost, not the day's count."""
     rows = conn.execute(
-        "SELECT ref, to_number, from_number, messaging_service_sid, body_sha256, created_at,"
-        " flags FROM messages WHERE status IN ('outcome_unknown', 'requested') AND sid IS NULL"
-        " AND ref IS NOT NULL AND created_at >= ? AND created_at < ?", (start, end))
-    return [UnknownSend(ref, to, from_, service, sha, created, _set(flags))
-            for ref, to, from_, service, sha, created, flags in rows]
+        "SELECT id, ref, to_number, from_number, messaging_service_sid, body_sha256,"
+        " created_at, flags FROM messages WHERE status IN ('outcome_unknown', 'requested')"
+        " AND sid IS NULL AND ref IS NOT NULL AND created_at >= ? AND created_at < ?",
+        (start, end))
+    return [UnknownSend(message_id, ref, to, from_, service, sha, created, _set(flags))
+            for message_id, ref, to, from_, service, sha, created, flags in rows]
 
 
 def day_count(conn: sqlite3.Connection, start: str, end: str) -> int:
