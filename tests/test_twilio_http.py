@@ -15,7 +15,7 @@ from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from twilio.base.exceptions import TwilioException
 
 from msgledger.twilio_api import Fetched, TwilioApi, TwilioConfig
-from msgledger.twilio_http import PooledHttpClient, pool_for, proxy_for
+from msgledger.twilio_http import PooledHttpClient, proxy_for
 
 from .fake_twilio import fake_twilio
 
@@ -127,15 +127,25 @@ def test_the_proxy_is_chosen_as_requests_chooses_it(monkeypatch: pytest.MonkeyPa
     assert proxy_for("https://api.twilio.com") is None
     monkeypatch.setenv("ALL_PROXY", "http://all.corp:3128")
     assert proxy_for("http://127.0.0.1:8080") == "http://all.corp:3128"
-    assert isinstance(pool_for("http://127.0.0.1:8080", connections=4), urllib3.ProxyManager)
-    assert not isinstance(pool_for("https://api.twilio.com", connections=4),
-                          urllib3.ProxyManager)
+    client = PooledHttpClient("https://api.twilio.com", timeout=3.0, connections=4)
+    assert isinstance(client.pool_for("http://127.0.0.1:8080/x"), urllib3.ProxyManager)
+    assert not isinstance(client.pool_for("https://api.twilio.com/y"), urllib3.ProxyManager)
+    # One client, each host its own route: the export's storage host may go direct.
+    monkeypatch.setenv("NO_PROXY", ".twilio.com,storage.example")
+    routed = PooledHttpClient("http://api.example", timeout=3.0, connections=4)
+    assert isinstance(routed.pool_for("http://api.example/a"), urllib3.ProxyManager)
+    assert not isinstance(routed.pool_for("http://storage.example/f.gz"), urllib3.ProxyManager)
+    monkeypatch.setenv("ALL_PROXY", "all.corp:3128")  # no scheme: requests takes http://
+    assert proxy_for("http://127.0.0.1:8080") == "http://all.corp:3128"
 
 
 def test_tls_is_verified_against_the_bundle_requests_uses(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def verified_by(pool: urllib3.PoolManager) -> tuple[Any, Any]:
         return pool.connection_pool_kw.get("ca_certs"), pool.connection_pool_kw.get("ca_cert_dir")
+
+    def pool_for(url: str, connections: int) -> urllib3.PoolManager:
+        return PooledHttpClient(url, timeout=3.0, connections=connections).pool_for(url)
 
     assert verified_by(pool_for("https://api.twilio.com", connections=2)) == (
         DEFAULT_CA_BUNDLE_PATH, None)
@@ -150,7 +160,7 @@ def test_tls_is_verified_against_the_bundle_requests_uses(
 
 def test_the_pool_keeps_a_connection_a_thread() -> None:
     client = PooledHttpClient("https://api.twilio.com", timeout=3.0, connections=12)
-    assert client.pool.connection_pool_kw["maxsize"] == 12
+    assert client.pool_for("https://api.twilio.com").connection_pool_kw["maxsize"] == 12
     assert client.timeout == 3.0
 
 

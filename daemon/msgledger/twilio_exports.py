@@ -99,7 +99,7 @@ class BulkExport:
         """The file's compressed bytes as they arrive (blocking: call it from a worker
         thread); urllib3's errors if the download fails. No credentials go with it: the
         link is signed."""
-        answer = self._api.http.pool.request(
+        answer = self._api.http.pool_for(url).request(
             # decode_content off: the gzip is the file, whatever Content-Encoding says.
             "GET", url, preload_content=False, decode_content=False, redirect=False,
             retries=False,

@@ -23,15 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import urllib3
 from requests.utils import (
     DEFAULT_CA_BUNDLE_PATH,
     get_auth_from_url,
     get_environ_proxies,
+    prepend_scheme_if_needed,
     select_proxy,
 )
 from twilio.http import HttpClient
@@ -39,16 +41,37 @@ from twilio.http.response import Response
 
 _logger = logging.getLogger("twilio.http_client")
 _JSON_TYPES = ("application/json", "application/scim+json")
+MAX_ROUTES = 64  # hosts whose proxy is remembered
 
 
 class PooledHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no types
-    """A twilio `HttpClient` on one urllib3 pool, shared by every thread's twilio client
-    (urllib3's pools are thread-safe)."""
+    """A twilio `HttpClient` on urllib3 pools shared by every thread's twilio client
+    (urllib3's pools are thread-safe): one a proxy, each host taken through the proxy
+    `requests` would take it through (the API, Bulk Export and its download links may be
+    told apart by `no_proxy`), decided once a host."""
 
     def __init__(self, base_url: str, *, timeout: float, connections: int) -> None:
         super().__init__(_logger, False, timeout)
-        self.pool = pool_for(base_url, connections=connections)
+        self._connections = connections
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self._lock = threading.Lock()  # worker threads share the two maps
+        self._routes: dict[str, str | None] = {}  # scheme://host:port -> its proxy
+        self._pools: dict[str | None, urllib3.PoolManager] = {}  # proxy URL -> its pool
+        self.pool_for(base_url)  # the API's route at once: a proxy urllib3 refuses fails here
+
+    def pool_for(self, url: str) -> urllib3.PoolManager:
+        """The pool for a request to `url`."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        with self._lock:
+            if origin not in self._routes:
+                if len(self._routes) >= MAX_ROUTES:  # hosts from answers: keep it bounded
+                    self._routes.clear()
+                self._routes[origin] = proxy_for(url)
+            proxy = self._routes[origin]
+            if proxy not in self._pools:
+                self._pools[proxy] = pool_through(proxy, connections=self._connections)
+            return self._pools[proxy]
 
     def request(self, method: str, url: str, params: dict[str, object] | None = None,
                 data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
@@ -62,7 +85,7 @@ class PooledHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no typ
         if query := _encoded(params):
             url = f"{url}{'&' if '?' in url else '?'}{query}"
         body = _body(method, data, headers)
-        answer = self.pool.request(
+        answer = self.pool_for(url).request(
             method.upper(), url, body=body, headers=headers, redirect=allow_redirects,
             retries=False, preload_content=True,
             timeout=self._timeout if timeout is None else urllib3.Timeout(timeout))
@@ -70,14 +93,13 @@ class PooledHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no typ
         return Response(answer.status, text, answer.headers)
 
 
-def pool_for(base_url: str, *, connections: int) -> urllib3.PoolManager:
-    """A pool of up to `connections` kept connections a host, through the proxy the
-    environment names for `base_url` if any, verifying TLS against what `requests` would."""
+def pool_through(proxy: str | None, *, connections: int) -> urllib3.PoolManager:
+    """A pool of up to `connections` kept connections a host, through `proxy` if any,
+    verifying TLS against what `requests` would."""
     bundle = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
               or DEFAULT_CA_BUNDLE_PATH)
     where = "ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"
     options: dict[str, Any] = {"maxsize": connections, where: bundle}
-    proxy = proxy_for(base_url)
     if proxy is None:
         return urllib3.PoolManager(**options)
     user, password = get_auth_from_url(proxy)
@@ -86,10 +108,12 @@ def pool_for(base_url: str, *, connections: int) -> urllib3.PoolManager:
     return urllib3.ProxyManager(proxy, **options)
 
 
-def proxy_for(base_url: str) -> str | None:
-    """The proxy `requests` would take `base_url` through, from the environment
-    (`https_proxy`, `all_proxy`... unless `no_proxy` covers the host), or None."""
-    return select_proxy(base_url, get_environ_proxies(base_url))
+def proxy_for(url: str) -> str | None:
+    """The proxy `requests` would take `url` through, from the environment (`https_proxy`,
+    `all_proxy`... unless `no_proxy` covers the host; `http://` if it names no scheme),
+    or None."""
+    proxy = select_proxy(url, get_environ_proxies(url))
+    return prepend_scheme_if_needed(proxy, "http") if proxy else None
 
 
 def _encoded(values: Mapping[str, object] | None) -> str:
