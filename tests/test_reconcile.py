@@ -381,3 +381,17 @@ async def test_a_run_that_meets_the_unforeseen_fails_and_the_next_one_runs(
             done = await reconcile(reconciler)
     assert failed.status == "failed" and "a rule nobody wrote" in str(failed.reason)
     assert done.status == "done"
+
+
+async def test_a_send_twilio_held_for_days_is_still_matched(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """Created (and lost) three days before Twilio sent it: a scheduled message, say."""
+    created = NOON - dt.timedelta(days=3)
+    async with open_rig(tmp_path / "s.db", start=False) as rig:
+        listed = rig.sim.add_message(to=TO, from_="+15005550001", status="delivered",
+                                     date_created=created, date_sent=NOON)
+        await rig.journal(*lost_send("ref-held", created))
+        async with running(rig) as reconciler:
+            run = await reconcile(reconciler)
+        assert run.tally["sid_matched"] == 1
+        assert rig.record(listed.sid)["ref"] == "ref-held"

@@ -110,7 +110,7 @@ class Candidates:
     """The sends of unknown outcome a listed message may be, by `To` without its last four
     digits (all a redacted number shows)."""
 
-    def __init__(self, sends: Iterable[UnknownSend], window: float) -> None:
+    def __init__(self, sends: Iterable[UnknownSend], window: float, since: str) -> None:
         self._window = window
         self._by_prefix: dict[str, list[UnknownSend]] = collections.defaultdict(list)
         # (A send flagged ambiguous stays a candidate: whether a later listed message is
@@ -118,7 +118,13 @@ class Candidates:
         self._created: dict[str, float] = {}
         self.matched: set[str] = set()  # refs given a SID this run: no longer candidates
         self.ambiguous: set[str] = set()  # refs flagged ambiguous this run: still candidates
+        self.since = since  # the sends journaled since then are here; `add` the older
+        self.add(sends)
+
+    def add(self, sends: Iterable[UnknownSend]) -> None:
         for send in sends:
+            if send.ref in self._created:
+                continue
             if send.to:
                 self._by_prefix[send.to[:-4]].append(send)
             self._created[send.ref] = _timestamp(send.created_at)
@@ -201,6 +207,21 @@ class Comparison:
             self.seen.add(found.id)
             return self._known(row, found)
         return self._unknown(row)
+
+    def created_before_candidates(self, items: Iterable[object], known: dict[str, Known],
+                                  parse: Parse) -> list[str]:
+        """The `date_created` of each listed message the store does not know that was
+        created before the sends held as candidates (queued, or scheduled, at Twilio for
+        long before it was sent): the sends of those times must be asked for too."""
+        found = []
+        for item in items:
+            sid = item.get("sid") if isinstance(item, dict) else None
+            if isinstance(sid, str) and sid not in known:
+                row = parse(item)
+                if (isinstance(row, Listed) and row.date_created is not None
+                        and row.date_created < self.candidates.since):
+                    found.append(row.date_created)
+        return found
 
     def unlisted(self, batch: Iterable[DayMessage]) -> list[DayMessage]:
         """The day's messages with a SID the listing did not name: to fetch by SID."""

@@ -205,7 +205,8 @@ async def _comparison(run: Run, deps: RunDeps) -> Comparison:
     end = iso_utc(day.closes_at + margin)
     sends = await deps.reads.run(queries.unknown_sends, start, end)
     id_range = await deps.reads.run(queries.day_id_range, day.start, day.end)
-    return Comparison(run.run_id, day, Candidates(sends, deps.match_window), Seen(id_range),
+    return Comparison(run.run_id, day, Candidates(sends, deps.match_window, start),
+                      Seen(id_range),
                       deps.keep_body, lambda: iso_utc(deps.clock()), run.tally,
                       run.note_broken)
 
@@ -215,6 +216,11 @@ async def _compare_batch(comparison: Comparison, batch: Batch, deps: RunDeps) ->
         chunk = batch.items[start:start + queries.BATCH]
         sids = sorted({sid for item in chunk if (sid := sid_of(item)) is not None})
         known = await deps.reads.run(queries.known_sids, sids)
+        for created in comparison.created_before_candidates(chunk, known, batch.parse):
+            window = dt.timedelta(seconds=deps.match_window)
+            moment = dt.datetime.fromisoformat(created)
+            comparison.candidates.add(await deps.reads.run(
+                queries.unknown_sends, iso_utc(moment - window), iso_utc(moment + window)))
         # Committed before the next batch is looked up: a SID listed twice is imported once.
         await journal_all(deps.journal, comparison.listed(chunk, known, batch.parse))
 
