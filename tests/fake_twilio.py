@@ -13,14 +13,29 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 
+async def lifespan(receive: Any, send: Any) -> None:
+    """An ASGI app's lifespan, with nothing to start or stop."""
+    while (await receive())["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def read_body(receive: Any) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        part = await receive()
+        body += part.get("body", b"")
+        if not part.get("more_body"):
+            return body
+
+
 def answering(status: int, body: str, content_type: str = "application/json") -> Any:
     """An ASGI Twilio that gives every request the same answer."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
         if scope["type"] == "http":
             headers = [(b"content-type", content_type.encode())]
             await send({"type": "http.response.start", "status": status, "headers": headers})

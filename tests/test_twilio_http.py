@@ -17,7 +17,7 @@ from twilio.base.exceptions import TwilioException
 from msgledger.twilio_api import Fetched, TwilioApi, TwilioConfig
 from msgledger.twilio_http import PooledHttpClient, proxy_for
 
-from .fake_twilio import fake_twilio
+from .fake_twilio import fake_twilio, lifespan, read_body
 
 ACCOUNT_SID = "AC" + "1" * 32
 SID = "SM" + "2" * 32
@@ -30,16 +30,9 @@ def recording(seen: Seen) -> Callable[..., Any]:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            part = await receive()
-            body += part.get("body", b"")
-            if not part.get("more_body"):
-                break
+        body = await read_body(receive)
         seen.append({"method": scope["method"], "path": scope["path"],
                      "query": parse_qs(scope["query_string"].decode()),
                      "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
