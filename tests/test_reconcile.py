@@ -50,6 +50,13 @@ def records(rig: Rig) -> dict[str, store.Record]:
         conn.close()
 
 
+def listed_through_the_day(rig: Rig, count: int) -> None:
+    """`count` delivered messages at Twilio, a second apart from noon of DAY."""
+    for i in range(count):
+        rig.sim.add_message(to=TO, status="delivered", date_created=NOON,
+                            date_sent=NOON + dt.timedelta(seconds=i))
+
+
 def verified(rig: Rig) -> bool:
     return store.verify(str(rig.path)).ok
 
@@ -189,9 +196,7 @@ async def test_a_day_still_open_flags_no_lost_send(
 async def test_pages_are_followed_through_a_429(
         tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     async with open_rig(tmp_path / "s.db", start=False) as rig:
-        for i in range(2300):
-            rig.sim.add_message(to=TO, status="delivered", date_created=NOON,
-                                date_sent=NOON + dt.timedelta(seconds=i))
+        listed_through_the_day(rig, 2300)
         pages = sim_list_page(rig.sim)
 
         async def throttled_after_the_first(uri: str | None, params: dict[str, str]) -> Any:
@@ -209,9 +214,7 @@ async def test_pages_are_followed_through_a_429(
 async def test_twilio_lost_mid_run_leaves_the_run_incomplete(
         tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     async with open_rig(tmp_path / "s.db", start=False) as rig:
-        for i in range(1500):
-            rig.sim.add_message(to=TO, status="delivered", date_created=NOON,
-                                date_sent=NOON + dt.timedelta(seconds=i))
+        listed_through_the_day(rig, 1500)
         await rig.journal(*lost_send("ref-lost", NOON))
         pages = sim_list_page(rig.sim)
 

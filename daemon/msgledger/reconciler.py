@@ -22,6 +22,7 @@ import trio
 from .events import Event, JournalUnavailable, iso_utc
 from .logs import get_logger
 from .reconcile import export
+from .reconcile.compare import Day
 from .reconcile.run import Batch, Run, RunDeps, RunEnded, Source, list_batches, reconcile_day
 from .settings import Settings
 from .store import _reconcile as queries
@@ -197,8 +198,8 @@ class Reconciler:
             return run.asked
         if run.day > exportable_until(self.clock()):
             return "list"
-        start, end = f"{run.day.isoformat()}T00:00:00", f"{run.day + dt.timedelta(1)}T00:00:00"
-        count = await self._deps.reads.run(queries.day_count, start, end)
+        day = Day(run.day)
+        count = await self._deps.reads.run(queries.day_count, day.start, day.end)
         return "export" if count > self._config.export_over else "list"
 
     async def _daily(self) -> None:

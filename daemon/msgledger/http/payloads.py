@@ -219,6 +219,9 @@ def reconcile_request(payload: object, *, today: dt.date,
     return ReconcileRequest(day, cast("Source", source))
 
 
+FIRST_DAY = dt.date(2008, 1, 1)  # before Twilio existed: nothing to list (and no overflow)
+
+
 def _day(payload: Mapping[str, Any], today: dt.date) -> dt.date:
     text = str(_string(payload, "date"))
     if not DAY.fullmatch(text):
@@ -235,7 +238,6 @@ def _day(payload: Mapping[str, Any], today: dt.date) -> dt.date:
     return day
 
 
-FIRST_DAY = dt.date(2008, 1, 1)  # before Twilio existed: nothing to list (and no overflow)
 RUNS_PARAMETERS = frozenset({"limit"})
 
 

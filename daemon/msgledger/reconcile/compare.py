@@ -35,7 +35,7 @@ from ..store import rank
 from ..store._fold import MISSING, NOT_CREATED, NOT_FOUND, TERMINAL_RANK
 from ..store._reconcile import DayMessage, Known, UnknownSend
 from ..twilio_api import Fetched
-from .rows import OUTBOUND, SID, Broken, Listed, Parse
+from .rows import OUTBOUND, SID, Broken, Listed, Parse, sid_of
 
 _ISO_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ")
 _RFC_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d \+0000")
@@ -215,12 +215,17 @@ class Comparison:
         long before it was sent): the sends of those times must be asked for too."""
         found = []
         for item in items:
-            sid = item.get("sid") if isinstance(item, dict) else None
-            if isinstance(sid, str) and sid not in known:
-                row = parse(item)
-                if (isinstance(row, Listed) and row.date_created is not None
-                        and row.date_created < self.candidates.since):
-                    found.append(row.date_created)
+            sid = sid_of(item)
+            if sid is None or sid in known:
+                continue
+            # Created on the day itself, in Twilio's form: among the candidates, no need to
+            # read the row (the comparison will, once).
+            if isinstance(item, dict) and self.day.exactly_on(item.get("date_created")):
+                continue
+            row = parse(item)
+            if (isinstance(row, Listed) and row.date_created is not None
+                    and row.date_created < self.candidates.since):
+                found.append(row.date_created)
         return found
 
     def unlisted(self, batch: Iterable[DayMessage]) -> list[DayMessage]:
@@ -315,10 +320,8 @@ class Comparison:
 
 
 def _known_of(item: object, known: dict[str, Known]) -> Known | None:
-    if not isinstance(item, dict):
-        return None
-    sid = item.get("sid")
-    return known.get(sid) if sid.__class__ is str and SID.fullmatch(sid) else None
+    sid = sid_of(item)
+    return known.get(sid) if sid is not None and SID.fullmatch(sid) else None
 
 
 def _is_news(twilio: str, ours: str | None, terminals: frozenset[str]) -> bool:

@@ -161,11 +161,7 @@ def _rfc2822(value: str) -> str | None:
         except ValueError:
             return None
         return f"{exact[3]}-{month:02d}-{exact[1]}T{exact[4]}.000000+00:00"
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-        return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))
-    except (TypeError, ValueError, IndexError, OverflowError):  # year 9999 at -2359, say
-        return None
+    return _utc(email.utils.parsedate_to_datetime, value)
 
 
 def _iso(value: str) -> str | None:
@@ -178,8 +174,15 @@ def _iso(value: str) -> str | None:
         except ValueError:
             return None
         return f"{value[:19]}.000000+00:00"
+    return _utc(dt.datetime.fromisoformat, value)
+
+
+def _utc(parse: Callable[[str], dt.datetime], value: str) -> str | None:
+    """`value` read by `parse` as the journal writes times (a naive time is UTC); None if
+    it cannot be read, or is out of range once in UTC (`0001-01-01T00:00:00+01:00`, or
+    year 9999 at -2359)."""
     try:
-        moment = dt.datetime.fromisoformat(value)
+        moment = parse(value)
         return iso_utc(moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC))
-    except (ValueError, OverflowError):  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
