@@ -74,7 +74,7 @@ async def read_head(stream: trio.SocketStream) -> bytes:
                    if line.lower().startswith(b"content-length:")), 0)
     while len(rest) < length and (chunk := await stream.receive_some(65536)):
         rest += chunk
-    return data if len(rest) <= length else data[:len(data) - len(rest) + length]
+    return head + b"\r\n\r\n" + rest[:length]
 
 
 @pytest.mark.parametrize("status", sorted(EARLY))

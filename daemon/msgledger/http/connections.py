@@ -22,6 +22,7 @@ calls it. Each workaround, its upstream cause and when it can go: docs/hypercorn
 - **A drain drops no request.** Idle connections are kept DRAIN_GRACE once draining, and
   whatever arrives on them is answered with `Connection: close`; hypercorn closed them at
   once, racing the proxies' pooled requests (502s) and connections accepted but unread.
+  An answer that promised keep-alive keeps it, even if the drain began while it was sent.
 - **Closing does not race an answer.** hypercorn half-closes (`send_eof`) without its
   send lock; an answer sent at that moment failed with BusyResourceError and a traceback.
 
@@ -112,6 +113,26 @@ class HTTP11Protocol(H11Protocol):
                                                         (b"connection", b"close")])
         await super().stream_send(event)
 
+    async def _maybe_recycle(self) -> None:
+        """hypercorn's, but an answer that promised keep-alive (sent without `Connection:
+        close`, so before the drain began) keeps its promise even if the drain began while
+        it was being sent: the connection goes idle for the next request, which the drain's
+        grace serves with `Connection: close`. hypercorn closed it, under a request the
+        proxy had already sent on the strength of that promise (a 502), and its read loop
+        then waited for good on a request it would never read (docs/hypercorn.md §7)."""
+        await self._close_stream()
+        if self.connection.our_state is h11.DONE and self.connection.their_state is h11.DONE:
+            try:
+                self.connection.start_next_cycle()
+            except h11.LocalProtocolError:
+                await self.send(Closed())
+            else:
+                await self.can_read.set()
+                await self.send(Updated(idle=True))
+        else:
+            await self.can_read.set()
+            await self.send(Closed())
+
     def reading_body(self) -> bool:
         """A request's headers have arrived and the last byte of its body has not."""
         return self.connection.their_state is h11.SEND_BODY
@@ -128,6 +149,7 @@ class MsgledgerTCPServer(TCPServer):
     deadline on each request body and a close that races no answer."""
 
     read_ended = False  # the client can send nothing more: EOF, a reset, or a body deadline
+
 
     async def run(self) -> None:
         try:
