@@ -93,7 +93,7 @@ async def test_a_drain_answers_what_arrives_on_an_idle_connection(tmp_path: Path
 # The restart test behind the proxies failed one run in ten: an answer whose head left
 # before the drain (keep-alive promised) ended after it, and hypercorn closed the connection
 # under the request the proxy had already sent on it (a 502), then waited out the graceful
-# timeout on that unread request. These serve an ASGI app of the test's own through the
+# timeout on that unread request. This serves an ASGI app of the test's own through the
 # connection layer, so the test chooses exactly when the drain begins.
 
 GRACEFUL_S = 30.0  # the server's graceful timeout: a connection held that long is the bug
@@ -166,4 +166,3 @@ async def test_an_answer_begun_before_the_drain_keeps_its_keep_alive() -> None:
         assert second.startswith(b"HTTP/1.1 200")
         assert b"connection: close" in second.lower()
         assert await stream.receive_some(1) == b""  # and then it is closed
-

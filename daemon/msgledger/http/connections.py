@@ -150,7 +150,6 @@ class MsgledgerTCPServer(TCPServer):
 
     read_ended = False  # the client can send nothing more: EOF, a reset, or a body deadline
 
-
     async def run(self) -> None:
         try:
             await super().run()
