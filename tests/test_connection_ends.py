@@ -1,8 +1,11 @@
 """No descriptor outlives its client (issue 19): when the client closes, the daemon closes
 its side at once, whatever the route, instead of waiting out hypercorn's 75 s keep-alive
-timer. Real `msgledger run` processes (and their fronts), spoken to over raw sockets.
+timer; and a drain ends connections without cutting off a request sent on them. Real
+`msgledger run` processes (and their fronts), spoken to over raw sockets; the drain's race
+also in-process, where the test decides when the drain begins.
 
-The cause and its fix: docs/hypercorn.md, "A connection outlives its client".
+The causes and their fixes: docs/hypercorn.md, "A connection outlives its client" and
+"A drain cuts off requests that have just arrived".
 """
 
 from __future__ import annotations
