@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 from msgledger.http.connections import ConnectionConfig
-from msgledger.http.server import serve_http
+from msgledger.http.server import answer_lifespan, serve_http
 from msgledger.metrics import Metrics
 
 from .conftest import ChildDaemon, callback_params, new_sid, signed, wait_until
@@ -114,9 +114,7 @@ class Gated:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         while (await receive()).get("more_body"):
             pass
@@ -131,7 +129,8 @@ class Gated:
 
 
 @asynccontextmanager
-async def gated_server(app: Gated) -> AsyncIterator[tuple[trio.SocketStream, trio.Event]]:
+async def gated_server(app: Gated | AnswersBeforeTheBody
+                       ) -> AsyncIterator[tuple[trio.SocketStream, trio.Event]]:
     """The app served on 127.0.0.1:0 by msgledger's connection layer, one connection open
     to it; setting the yielded event drains the server. The block must end with the server
     gone, within GRACEFUL_S / 2: a connection it held on to fails the test."""
@@ -148,6 +147,32 @@ async def gated_server(app: Gated) -> AsyncIterator[tuple[trio.SocketStream, tri
                     yield stream, drain
             finally:
                 drain.set()
+
+
+@dataclass
+class AnswersBeforeTheBody:
+    """An ASGI app that refuses every request before reading its body, as the fronts'
+    router answers 401, 404 and 405."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def test_an_answer_before_the_body_says_the_connection_closes() -> None:
+    """The rest of the body would be read as the next request, so the connection closes
+    after the answer, and the answer says so: a client must not send another on it."""
+    async with gated_server(AnswersBeforeTheBody()) as (stream, _):
+        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 10\r\n\r\n12345")
+        head = await read_head(stream)
+        assert head.startswith(b"HTTP/1.1 401")
+        assert b"connection: close" in head.lower()
+        assert await stream.receive_some(1) == b""
 
 
 async def test_an_answer_begun_before_the_drain_keeps_its_keep_alive() -> None:

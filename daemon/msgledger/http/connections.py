@@ -105,10 +105,15 @@ class HTTP11Protocol(H11Protocol):
             raise H2ProtocolAssumedError(b"")
 
     async def stream_send(self, event: StreamEvent) -> None:
-        """hypercorn's, with `Connection: close` on every answer once the server drains, so
-        a proxy stops reusing the connection before it is closed under it."""
+        """hypercorn's, with `Connection: close` on every answer that the connection's end
+        follows, so a client stops reusing the connection before it is closed under it:
+        once the server drains, and when the answer leaves before the request's body has
+        all been read (a refusal before the body: `_maybe_recycle` must then close, as the
+        rest of the body would be read as the next request). Without the header a client
+        sent its next request on the closing connection: "disconnected without a response"
+        (docs/hypercorn.md §8)."""
         if (isinstance(event, Response) and event.status_code >= 200
-                and self.context.terminated.is_set()):
+                and (self.context.terminated.is_set() or self.reading_body())):
             event = dataclasses.replace(event, headers=[*event.headers,
                                                         (b"connection", b"close")])
         await super().stream_send(event)
