@@ -27,6 +27,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from msgledger.http.server import answer_lifespan
 from msgledger.sim import (
     Callback,
     DeliveryReport,
@@ -41,6 +42,8 @@ from msgledger.sim import (
 )
 from msgledger.sim._app import handle_api
 from msgledger.sim._http import Request
+
+from .asgi import read_body
 
 ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "sim-test-token"
@@ -92,14 +95,9 @@ class Receiver:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self._record(scope, body)
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -112,12 +110,6 @@ class Receiver:
         valid = self._validator.validate(url, params, headers.get("x-twilio-signature", ""))
         token = headers.get("i-twilio-idempotency-token", "")
         self.received.append(Received(url, params, token, bool(valid)))
-
-
-async def _lifespan(receive: ASGIReceive, send: ASGISend) -> None:
-    while (await receive())["type"] != "lifespan.shutdown":
-        await send({"type": "lifespan.startup.complete"})
-    await send({"type": "lifespan.shutdown.complete"})
 
 
 @pytest.fixture

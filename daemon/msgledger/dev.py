@@ -1,8 +1,9 @@
 """`msgledger run --dev`: the daemon wired to a local Twilio simulator, for a first look.
 
 One process, loopback only, throwaway credentials: the simulator plays Twilio (the API the
-daemon sends through, and the signed status callbacks it posts back), so a newcomer sees
-messages sent, called back and recorded without a Twilio account.
+daemon sends through, the signed status callbacks it posts back, and texts from customers
+posted to the daemon's /twilio/inbound), so a newcomer sees messages sent, called back,
+received and recorded without a Twilio account.
 """
 
 from __future__ import annotations
@@ -53,9 +54,18 @@ async def run_dev(settings: Settings) -> None:
         wired = dataclasses.replace(settings, twilio_api_base_url=sim.base_url)
         async with trio.open_nursery() as inner:
             running = await inner.start(main.run, wired)
+            # Texts "received" by the simulator go to the daemon's webhook, now it listens.
+            sim.knobs = dataclasses.replace(sim.knobs, inbound_url=running.url + "/twilio/inbound")
             log.info("dev_ready", simulator=sim.base_url, api_token=settings.api_token,
-                     try_it=_example(running.url, str(settings.api_token)))
+                     try_it=_example(running.url, str(settings.api_token)),
+                     try_inbound=_inbound_example(sim.base_url))
         outer.cancel_scope.cancel()  # the daemon has drained and stopped: so does Twilio
+
+
+def _inbound_example(sim_url: str) -> str:
+    """A customer texting our number, with a picture: the simulator's control route."""
+    return ("curl -s --data-urlencode From=+15558675310 --data-urlencode To=+15005550006"
+            f" -d Body=hello -d MediaCount=1 {sim_url}/sim/inbound")  # -d would make + a space
 
 
 def _example(url: str, token: str) -> str:

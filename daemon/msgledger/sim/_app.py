@@ -4,7 +4,8 @@ Routes (docs/twilio.md, "The Messages API"), all under /2010-04-01/Accounts/{Acc
 POST /Messages.json (create), GET /Messages.json (list), GET /Messages/{Sid}.json (fetch),
 and GET /Accounts/{AccountSid}.json (the account: whether the credentials are taken).
 Bulk Export's routes, under /v1/Exports, and its files' links take the same way in
-(`_export_api.py`).
+(`_export_api.py`), as do a message's Media routes and their CDN links (`_media_api.py`).
+POST /sim/inbound, the simulator's own, makes a customer text us (`_control.py`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 import base64
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import partial
 from urllib.parse import parse_qsl
 
 import trio
 
+from ._control import control_inbound, is_control
 from ._export_api import download, is_download, is_export, route_exports
 from ._http import DropConnection, Request, Response
 from ._knobs import SimKnobs
 from ._listing import page_json, parse_list_query, select_page, visible
-from ._simulator import NewMessage, Simulator
-from ._store import is_valid_from, is_valid_to, utcnow
+from ._media_api import MEDIA_PATH, cdn, is_cdn, route_media
+from ._simulator import Simulator
+from ._store import NewMessage, is_valid_from, is_valid_to, utcnow
 from ._wire import API_VERSION, ApiError, json_reply, message_json, not_found, redacts_to
 
 _PATH = re.compile(
@@ -35,10 +38,15 @@ _CHALLENGE = ("WWW-Authenticate", 'Basic realm="Twilio API"')
 
 
 async def handle_api(sim: Simulator, request: Request) -> Response:
-    """Answer one API request, or an export file's download (no auth, knobs or counting as
-    a request); raises DropConnection when the lost-create knob fires."""
+    """Answer one API request, or an export file's download, a CDN link or the control
+    route (no auth, knobs or counting as a request); raises DropConnection when the
+    lost-create knob fires."""
     if is_download(request.target):
         return download(sim, request.method, request.target)
+    if is_cdn(request.target):
+        return cdn(sim, request)
+    if is_control(request.target):
+        return await control_inbound(sim, request)
     knobs, stats, fetch = sim.knobs, sim.stats, _is_fetch(request)
     stats.requests += 1
     stats.fetches += fetch
@@ -66,15 +74,18 @@ def _route(sim: Simulator, knobs: SimKnobs, request: Request) -> Response:
     account = _ACCOUNT_PATH.fullmatch(path)
     if account is not None and request.method == "GET":
         return _account(knobs, account["account"])
-    match = _PATH.fullmatch(path)
+    media = MEDIA_PATH.fullmatch(path)
+    match = media or _PATH.fullmatch(path)
     if match is None:
         raise not_found(path)
     if match["account"] != knobs.account_sid:
         raise ApiError(401, 20003, "Authenticate")  # these credentials own no other account
     _refuse_if_throttled(sim, knobs)
     sid, method = match["sid"], request.method
+    if media is not None:
+        return route_media(sim, method, media, _form(query.encode()))
     if sid is None and method == "POST":
-        return _create(sim, knobs, _form(request.body))
+        return _create(sim, knobs, _pairs(request.body))
     if sid is None and method == "GET":
         return _list(sim, knobs, _form(query.encode()))
     if sid is not None and method == "GET":
@@ -108,8 +119,9 @@ def _authenticate(knobs: SimKnobs, header: str) -> None:
         raise ApiError(401, 20003, "Authenticate")
 
 
-def _create(sim: Simulator, knobs: SimKnobs, form: Mapping[str, str]) -> Response:
-    message = sim.create(parse_new_message(form))
+def _create(sim: Simulator, knobs: SimKnobs, pairs: Sequence[tuple[str, str]]) -> Response:
+    media_urls = tuple(value for key, value in pairs if key == "MediaUrl")  # a repeated field
+    message = sim.create(parse_new_message(dict(pairs), media_urls))
     if sim.dice.chance(knobs.lose_create_response):
         sim.stats.create_responses_lost += 1
         raise DropConnection  # the message exists and lives on; the client never hears of it
@@ -136,8 +148,9 @@ def _fetch(sim: Simulator, knobs: SimKnobs, sid: str, path: str) -> Response:
     return json_reply(200, message_json(message, redact_to=redacts_to(knobs, message, utcnow())))
 
 
-def parse_new_message(form: Mapping[str, str]) -> NewMessage:
-    """Validate create parameters the way Twilio refuses them; other parameters are ignored."""
+def parse_new_message(form: Mapping[str, str], media_urls: Sequence[str] = ()) -> NewMessage:
+    """Validate create parameters the way Twilio refuses them; other parameters are ignored.
+    `media_urls`: every MediaUrl, which `form` holds only the last of."""
     to, from_ = form.get("To", ""), form.get("From") or None
     service, callback = form.get("MessagingServiceSid") or None, form.get("StatusCallback") or None
     if not to:
@@ -155,10 +168,14 @@ def parse_new_message(form: Mapping[str, str]) -> NewMessage:
         raise ApiError(400, 21602, "Message body is required.")
     if callback is not None and not callback.startswith(("http://", "https://")):
         raise ApiError(400, 21609, f"The StatusCallback URL {callback} is not a valid URL.")
-    return NewMessage(to, from_, service, form.get("Body", ""), callback)
+    return NewMessage(to, from_, service, form.get("Body", ""), callback, tuple(media_urls))
 
 
 def _form(encoded: bytes) -> dict[str, str]:
-    return dict(parse_qsl(encoded.decode("utf-8", "replace"), keep_blank_values=True))
+    return dict(_pairs(encoded))
+
+
+def _pairs(encoded: bytes) -> list[tuple[str, str]]:
+    return parse_qsl(encoded.decode("utf-8", "replace"), keep_blank_values=True)
 
 

@@ -4,8 +4,10 @@ Rows follow Twilio's file format (docs/twilio.md, "Bulk Export"): the Message re
 fields with UTC ISO-8601 dates, `num_segments` and `num_media` as numbers, `error_code` 0 for
 none, and no `error_message`, `price_unit`, `api_version` or `uri`; plus `flags`, `start`
 and `price`, keys a real file carries too (their values here are our stand-ins: readers
-must ignore them). Inbound rows, texts received from customers, are spread evenly through
-the outbound ones, and raw lines a test added go last.
+must ignore them). Each message the simulator holds is a row with its own `direction` (texts
+received by `Simulator.receive_inbound` included); the made-up received rows of the
+`export_inbound_per_day` knob are spread evenly through them, and raw lines a test added go
+last.
 
 Rows are serialized and compressed in batches straight into one buffer, so a day of a
 million messages never exists uncompressed: the only whole copy is the compressed file.
@@ -24,7 +26,7 @@ import orjson
 from ._knobs import Dice
 from ._lifecycle import SERVICE_SENDER
 from ._store import SimMessage
-from ._wire import redact
+from ._wire import redact, shown_numbers
 
 GZIP_LEVEL = 1  # zlib's fastest, and still 10x: 1 M rows are 470 MB of JSON, 45 MB gzipped
 BATCH_ROWS = 2048  # rows joined per compress call: fewer calls, each well under a megabyte
@@ -40,7 +42,9 @@ def export_day(message: SimMessage) -> date:
 
 
 def message_line(message: SimMessage, *, redact_to: bool) -> bytes:
-    """An outbound message as a file row, newline included."""
+    """A message as a file row, newline included (`redact_to`: whether the customer's
+    number ends in XXXX)."""
+    to, from_ = shown_numbers(message, redact_to=redact_to)
     row = {
         "date_updated": message.date_updated,
         "date_sent": message.date_sent,
@@ -48,15 +52,15 @@ def message_line(message: SimMessage, *, redact_to: bool) -> bytes:
         "body": message.body,
         "num_segments": int(message.num_segments),
         "sid": message.sid,
-        "num_media": 0,
+        "num_media": len(message.media),
         "messaging_service_sid": message.messaging_service_sid,
         "account_sid": message.account_sid,
-        "from": message.from_,
+        "from": from_,
         "error_code": message.error_code or 0,
-        "to": redact(message.to) if redact_to else message.to,
+        "to": to,
         "status": message.status,
-        "direction": "outbound-api",
-        "flags": ["outbound"],
+        "direction": message.direction,
+        "flags": ["inbound" if message.is_inbound else "outbound"],
         "start": message.date_created,
         "price": message.price,
     }
@@ -104,9 +108,9 @@ def day_file(
     redact_to: Callable[[SimMessage], bool],
 ) -> bytes:
     """The gzip file of one day: `messages`, `inbound` spread among them, then `raw`."""
-    outbound = (message_line(m, redact_to=redact_to(m)) for m in messages)
+    held = (message_line(m, redact_to=redact_to(m)) for m in messages)
     tail = (line if line.endswith(b"\n") else line + b"\n" for line in raw)
-    return gzip_lines(itertools.chain(_spread(outbound, len(messages), inbound), tail))
+    return gzip_lines(itertools.chain(_spread(held, len(messages), inbound), tail))
 
 
 def _spread(main: Iterator[bytes], length: int, extra: Sequence[bytes]) -> Iterator[bytes]:

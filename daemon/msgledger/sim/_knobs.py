@@ -69,6 +69,9 @@ class SimKnobs:
     export_inbound_per_day: int = 0  # inbound rows (texts from customers) mixed into each day file
     outcome_weights: OutcomeWeights = OutcomeWeights()
     seed: int | None = None  # for reproducible randomness
+    inbound_url: str | None = None  # our number's webhook: `receive_inbound` posts texts there
+    inbound_fallback_url: str | None = None  # posted to when the webhook fails
+    inbound_timeout: float = 15.0  # seconds each of those two may take, answer included
 
     def __post_init__(self) -> None:
         if not _ACCOUNT_SID.fullmatch(self.account_sid):
@@ -81,6 +84,11 @@ class SimKnobs:
             raise ValueError("delays must be >= 0 and step_delay must be (min, max)")
         if (self.redact_to_after or 0.0) < 0 or self.export_inbound_per_day < 0:
             raise ValueError("redact_to_after and export_inbound_per_day must be >= 0")
+        if not self.inbound_timeout > 0:
+            raise ValueError("inbound_timeout must be > 0")
+        for url in (self.inbound_url, self.inbound_fallback_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"inbound URLs must be http:// or https://: {url!r}")
 
 
 class Dice:

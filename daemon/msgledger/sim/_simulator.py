@@ -2,7 +2,9 @@
 
 `open_simulator` owns the nursery the lifecycle tasks run in and cancels what is left of them
 on exit. It needs no sockets, so a test can run lifecycles on Trio's virtual clock by passing a
-fake `deliver`. Bulk Export's jobs, files and links live in `exports` (`_exports.py`).
+fake `deliver`. Bulk Export's jobs, files and links live in `exports` (`_exports.py`); media
+files' CDN links in `cdn` (`_media.py`); texts received from customers, their webhook and
+its TwiML answer, in `_inbound.py`.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, datetime
 
 import trio
 
 from ._callbacks import Deliver
 from ._exports import BulkExports
+from ._inbound import InboundReport, NewInbound, receive
 from ._knobs import Dice, SimKnobs
 from ._lifecycle import (
     CARRIER_ERRORS,
@@ -27,22 +30,23 @@ from ._lifecycle import (
     plan_steps,
 )
 from ._listing import ListCache
+from ._media import CdnLinks, media_for_urls
 from ._stats import SimStats
-from ._store import MessageStore, SimMessage, count_segments, utcnow
+from ._store import (
+    DIRECTIONS,
+    INBOUND,
+    OUTBOUND_API,
+    OUTBOUND_REPLY,
+    MessageStore,
+    NewMessage,
+    SimMedia,
+    SimMessage,
+    count_segments,
+    utcnow,
+)
 from ._wire import price_for
 
-_SENT_STATUSES = frozenset({"sent", "delivered", "undelivered", "read"})
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    """A validated create request."""
-
-    to: str
-    from_: str | None
-    messaging_service_sid: str | None
-    body: str
-    status_callback: str | None
+_SENT_STATUSES = frozenset({"sent", "delivered", "undelivered", "read", "received"})
 
 
 class Simulator:
@@ -68,6 +72,7 @@ class Simulator:
         self.list_cache = ListCache()  # the list's order, while no message changes
         # Export SIDs and links roll their own dice too: exporting must not shift message SIDs.
         self.exports = BulkExports(Dice(None if knobs.seed is None else f"{knobs.seed}:exports"))
+        self.cdn = CdnLinks(Dice(None if knobs.seed is None else f"{knobs.seed}:cdn"))
         self._lifecycles = nursery
         self._deliver = deliver
         self._running = 0
@@ -88,21 +93,41 @@ class Simulator:
 
     def create(self, new: NewMessage) -> SimMessage:
         """Store a message as the API's create does, and start its lifecycle."""
-        via_service = new.messaging_service_sid is not None and new.from_ is None
-        message = self._insert(
-            to=new.to,
-            from_=new.from_,
-            body=new.body,
-            status="accepted" if via_service else "queued",
-            messaging_service_sid=new.messaging_service_sid,
-            status_callback=new.status_callback,
-            created=utcnow(),
-            sent=None,
-            error_code=None,
-        )
+        message = self._send(new, OUTBOUND_API)
         self.stats.messages_created += 1
-        self._start_lifecycle(message)
         return message
+
+    def reply(self, new: NewMessage) -> SimMessage:
+        """Store an `outbound-reply`, as a TwiML `<Message>` makes one, and start its
+        lifecycle."""
+        message = self._send(new, OUTBOUND_REPLY)
+        self.stats.replies_created += 1
+        return message
+
+    def store_inbound(self, inbound: NewInbound) -> SimMessage:
+        """Store a text received from a customer (status `received`), sending no webhook."""
+        now = utcnow()
+        return self._insert(
+            to=inbound.to,
+            from_=inbound.from_,
+            body=inbound.body,
+            status="received",
+            messaging_service_sid=inbound.messaging_service_sid,
+            status_callback=None,
+            created=now,
+            sent=now,
+            error_code=None,
+            direction=INBOUND,
+            media=tuple(SimMedia("ME" + self.dice.hex32(), content_type, data)
+                        for content_type, data in inbound.media),
+        )
+
+    async def receive_inbound(self, inbound: NewInbound) -> InboundReport:
+        """A text reaches our number: store it, post the signed webhook to `inbound_url`
+        (then to `inbound_fallback_url` if that fails), and send the replies its TwiML
+        answer asks for. With `inbound.deliver` False no webhook is sent, as if it was lost.
+        ValueError if it should be delivered and no `inbound_url` is set."""
+        return await receive(self, inbound)
 
     def add_message(
         self,
@@ -118,16 +143,21 @@ class Simulator:
         date_sent: datetime | None = None,
         run_lifecycle: bool = False,
         sid: str | None = None,
+        direction: str = OUTBOUND_API,
+        media: tuple[SimMedia, ...] = (),
     ) -> SimMessage:
         """Inject a message created "outside" the API, e.g. for reconciliation tests.
 
         It stays at `status` unless `run_lifecycle`, in which case it lives on from `status`
         (which should then be "queued" or "accepted") like a created one. `date_sent` defaults
-        to `date_created` for statuses past `sent`. `sid` gives it a SID of the test's
-        choosing (one the client already knows of, say), instead of a new one.
-        """
+        to `date_created` for statuses past `sent`, and for `received`. `sid` gives it a SID
+        of the test's choosing (one the client already knows of, say), instead of a new one.
+        `direction` and `media` make it, say, a text received days ago (`inbound`, status
+        `received`)."""
         if run_lifecycle and status not in ("queued", "accepted"):
             raise ValueError(f"a lifecycle starts at queued or accepted, not {status!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {sorted(DIRECTIONS)}, not {direction!r}")
         created = date_created or utcnow()
         if date_sent is None and status in _SENT_STATUSES:
             date_sent = created
@@ -142,6 +172,8 @@ class Simulator:
             sent=date_sent,
             error_code=error_code,
             sid=sid,
+            direction=direction,
+            media=media,
         )
         if run_lifecycle:
             self._start_lifecycle(message)
@@ -198,6 +230,24 @@ class Simulator:
         """Return once no lifecycle is running: every planned step and callback is done."""
         await self._idle.wait()
 
+    def _send(self, new: NewMessage, direction: str) -> SimMessage:
+        via_service = new.messaging_service_sid is not None and new.from_ is None
+        message = self._insert(
+            to=new.to,
+            from_=new.from_,
+            body=new.body,
+            status="accepted" if via_service else "queued",
+            messaging_service_sid=new.messaging_service_sid,
+            status_callback=new.status_callback,
+            created=utcnow(),
+            sent=None,
+            error_code=None,
+            direction=direction,
+            media=media_for_urls(new.media_urls, self.dice),
+        )
+        self._start_lifecycle(message)
+        return message
+
     def _insert(
         self,
         *,
@@ -211,13 +261,15 @@ class Simulator:
         sent: datetime | None,
         error_code: int | None,
         sid: str | None = None,
+        direction: str = OUTBOUND_API,
+        media: tuple[SimMedia, ...] = (),
     ) -> SimMessage:
         # Messaging Service sends count no segments until they are queued
         # (docs/twilio.md, "Create").
         segments = "0" if status == "accepted" else count_segments(body)
         return self._store.put(
             SimMessage(
-                sid=sid or "SM" + self.dice.hex32(),
+                sid=sid or ("MM" if media else "SM") + self.dice.hex32(),
                 account_sid=self.knobs.account_sid,
                 to=to,
                 from_=from_,
@@ -233,6 +285,8 @@ class Simulator:
                 price=price_for(segments) if sent else None,
                 num_segments=segments,
                 seq=self._store.next_seq(),
+                direction=direction,
+                media=media,
             )
         )
 

@@ -30,6 +30,12 @@ class SimStats:
     export_downloads: int = 0  # day files served on a valid link, cut ones included
     export_downloads_failed: int = 0  # of those, cut short by `Simulator.fail_downloads`
     export_links_refused: int = 0  # downloads answered 403: a link used before or expired
+    media_fetches: int = 0  # authenticated GET /Messages/{Sid}/Media/{MediaSid}: a 307 to the CDN
+    cdn_downloads: int = 0  # media files served on a CDN link
+    cdn_credentials_refused: int = 0  # CDN requests answered 403 for carrying an Authorization
+    inbound_sent: int = 0  # inbound webhooks posted to inbound_url
+    inbound_fallbacks: int = 0  # of those failed, posted again to inbound_fallback_url
+    replies_created: int = 0  # outbound-reply messages made by TwiML <Message> verbs
 
     @contextmanager
     def handling(self) -> Iterator[None]:

@@ -12,11 +12,26 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import NamedTuple
 
 _WHATSAPP = "whatsapp:"
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}")
 _SHORT_CODE = re.compile(r"[0-9]{3,8}")
 _ALPHANUMERIC_ID = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+
+
+OUTBOUND_API = "outbound-api"  # created through the Messages API
+INBOUND = "inbound"  # received from a customer
+OUTBOUND_REPLY = "outbound-reply"  # created by a TwiML <Message> answering an inbound one
+DIRECTIONS = frozenset({OUTBOUND_API, INBOUND, OUTBOUND_REPLY})
+
+
+class SimMedia(NamedTuple):
+    """One media file of a message: its ME SID, content type and bytes."""
+
+    sid: str
+    content_type: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million-message benchmark day fits in ~0.5 GB
@@ -39,6 +54,8 @@ class SimMessage:
     price: str | None
     num_segments: str
     seq: int  # creation order: breaks ties in the newest-first listing
+    direction: str = OUTBOUND_API
+    media: tuple[SimMedia, ...] = ()
 
     @property
     def listed_at(self) -> datetime:
@@ -46,8 +63,24 @@ class SimMessage:
         return self.date_sent or self.date_created
 
     @property
+    def is_inbound(self) -> bool:
+        return self.direction == INBOUND
+
+    @property
     def is_whatsapp(self) -> bool:
         return self.to.startswith(_WHATSAPP)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A validated create request (or a TwiML <Message>'s reply)."""
+
+    to: str
+    from_: str | None
+    messaging_service_sid: str | None
+    body: str
+    status_callback: str | None
+    media_urls: tuple[str, ...] = ()  # each MediaUrl, in order
 
 
 class MessageStore:

@@ -75,9 +75,21 @@ def redacts_to(knobs: SimKnobs, message: SimMessage, now: datetime) -> bool:
     return hides_number(knobs, message.date_created, now)
 
 
+def shown_numbers(message: SimMessage, *, redact_to: bool) -> tuple[str, str | None]:
+    """`to` and `from` as shown: redaction hides the customer's number, which is the `from`
+    of a received text and the `to` of any other."""
+    if not redact_to:
+        return message.to, message.from_
+    if message.is_inbound:
+        return message.to, None if message.from_ is None else redact(message.from_)
+    return redact(message.to), message.from_
+
+
 def message_json(message: SimMessage, *, redact_to: bool) -> dict[str, object]:
-    """The Message resource as fetch, list and create return it."""
+    """The Message resource as fetch, list and create return it (`redact_to`: whether the
+    customer's number ends in XXXX, see `shown_numbers`)."""
     uri = message_uri(message.account_sid, message.sid)
+    to, from_ = shown_numbers(message, redact_to=redact_to)
     return {
         "account_sid": message.account_sid,
         "api_version": API_VERSION,
@@ -85,12 +97,12 @@ def message_json(message: SimMessage, *, redact_to: bool) -> dict[str, object]:
         "date_created": rfc2822(message.date_created),
         "date_sent": rfc2822(message.date_sent),
         "date_updated": rfc2822(message.date_updated),
-        "direction": "outbound-api",
+        "direction": message.direction,
         "error_code": message.error_code,
         "error_message": message.error_message,
-        "from": message.from_,
+        "from": from_,
         "messaging_service_sid": message.messaging_service_sid,
-        "num_media": "0",
+        "num_media": str(len(message.media)),
         "num_segments": message.num_segments,
         "price": message.price,
         "price_unit": "USD",
@@ -100,7 +112,7 @@ def message_json(message: SimMessage, *, redact_to: bool) -> dict[str, object]:
             "media": uri.removesuffix(".json") + "/Media.json",
             "feedback": uri.removesuffix(".json") + "/Feedback.json",
         },
-        "to": redact(message.to) if redact_to else message.to,
+        "to": to,
         "uri": uri,
     }
 
