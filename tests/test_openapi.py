@@ -69,7 +69,7 @@ from msgledger.http.state import ServerState
 from msgledger.journal_client import JournalClient
 from msgledger.metrics import Metrics
 from msgledger.sender import Sender
-from msgledger.sim import OutcomeWeights, SimKnobs, Simulator, serve_sim
+from msgledger.sim import NewInbound, OutcomeWeights, SimKnobs, Simulator, serve_sim
 
 from .conftest import (
     ACCOUNT_SID,
@@ -221,6 +221,7 @@ class Scene:
     sim: Simulator
     sid: str = dataclasses.field(default_factory=new_sid)  # the SID registered by witnesses
     run_id: str = UNKNOWN_RUN  # the reconcile run a witness started
+    mms: str = "MM" + "0" * 32  # the inbound message whose media a witness had kept
 
     async def send(self, *, token: bool = True, **fields: str) -> httpx.Response:
         body = {"to": "+15558675310", "from": "+15005550006", "body": "hello", **fields}
@@ -257,6 +258,8 @@ class Scene:
 Call = Callable[[Scene], Awaitable[httpx.Response]]
 TOO_BIG = b'{"to": "' + b"x" * (70 * 1024) + b'"}'  # over /v1's 64 KiB and http.max_body_bytes
 STATUS_FORM = {"MessageSid": "SM" + "a" * 32, "MessageStatus": "sent"}
+INBOUND_FORM = {"MessageSid": "SM" + "e" * 32, "From": "+15558675310", "To": "+15005550006",
+                "Body": "hello", "NumMedia": "0"}
 ALERT_FORM = {"Sid": "NO" + "a" * 32, "Payload": '{"resource_sid": "SM' + "a" * 32 + '"}'}
 
 
@@ -268,6 +271,19 @@ async def _reconcile_started(scene: Scene) -> httpx.Response:
     response = await scene.reconcile(date=_day(0), source="list")
     scene.run_id = response.json().get("run_id", UNKNOWN_RUN)
     return response
+
+
+async def _media_kept(scene: Scene) -> httpx.Response:
+    """A simulated MMS received, and its file once the fetcher has kept it."""
+    scene.knobs(inbound_url=scene.ledger.public_url + "/twilio/inbound")
+    report = await scene.sim.receive_inbound(NewInbound(
+        "+15558675310", "+15005550006", "a picture", media=(("image/png", b"\x89PNG..."),)))
+    scene.mms = report.sid
+    while True:
+        response = await scene.get(f"/v1/messages/{scene.mms}/media/0")
+        if response.status_code == 200:
+            return response
+        await trio.sleep(0.05)
 
 
 async def _unknown_outcome(scene: Scene) -> httpx.Response:
@@ -315,6 +331,12 @@ WITNESSES: dict[tuple[str, str], dict[int, Call]] = {
         401: lambda s: s.get("/v1/messages/w-sent", token=False),
         404: lambda s: s.get("/v1/messages/w-never"),
     },
+    ("GET", "/v1/messages/{key}/media/{n}"): {
+        200: _media_kept,
+        400: lambda s: s.get(f"/v1/messages/{s.mms}/media/first"),
+        401: lambda s: s.get(f"/v1/messages/{s.mms}/media/0", token=False),
+        404: lambda s: s.get(f"/v1/messages/{s.mms}/media/1"),
+    },
     ("GET", "/v1/messages"): {
         200: lambda s: s.get("/v1/messages", limit="2", overdue="false"),
         400: lambda s: s.get("/v1/messages", limit="0"),
@@ -341,16 +363,21 @@ WITNESSES: dict[tuple[str, str], dict[int, Call]] = {
     ("GET", "/metrics"): {200: lambda s: s.get("/metrics", token=False)},
     ("POST", "/twilio/status"): _webhook_witnesses("/twilio/status", STATUS_FORM,
                                                    "MessageStatus"),
+    ("POST", "/twilio/inbound"): _webhook_witnesses("/twilio/inbound", INBOUND_FORM,
+                                                    "MessageSid"),
     ("POST", "/twilio/debugger"): _webhook_witnesses("/twilio/debugger", ALERT_FORM, "Sid"),
 }
 WITNESSES_ONCE_LOST: dict[tuple[str, str], dict[int, Call]] = {
     ("POST", "/twilio/status"): {503: lambda s: s.webhook("/twilio/status", STATUS_FORM)},
     ("POST", "/twilio/debugger"): {503: lambda s: s.webhook("/twilio/debugger", ALERT_FORM)},
+    ("POST", "/twilio/inbound"): {503: lambda s: s.webhook("/twilio/inbound", INBOUND_FORM)},
     ("POST", "/v1/messages"): {503: lambda s: s.send(ref="w-lost")},
     ("POST", "/v1/messages/register"): {503: lambda s: s.register(sid=new_sid())},
     ("GET", "/healthz"): {503: lambda s: _until_status(s, "/healthz", 503)},
     ("GET", "/v1/messages/{key}"): {503: lambda s: s.get("/v1/messages/w-sent")},
     ("GET", "/v1/messages"): {503: lambda s: s.get("/v1/messages")},
+    ("GET", "/v1/messages/{key}/media/{n}"): {
+        503: lambda s: s.get(f"/v1/messages/{s.mms}/media/0")},
     # Another day than the witness run's: asking for that one again would answer with it.
     ("POST", "/v1/reconcile"): {503: lambda s: s.reconcile(date=_day(-1), source="list")},
     ("GET", "/v1/reconcile/runs/{run_id}"): {

@@ -12,6 +12,8 @@ from msgledger.events import Event
 from msgledger.store import _reconcile as queries
 from msgledger.store._schema import SCHEMA_VERSION
 
+from .older_stores import downgrade
+
 DAY_START, DAY_END = "2026-10-20T00:00:00", "2026-10-21T00:00:00"
 
 
@@ -68,10 +70,7 @@ def test_the_day_and_run_queries_read_their_indexes(tmp_path: Path) -> None:
 def test_a_schema_2_store_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     filled(path)
-    conn = sqlite3.connect(path)
-    conn.executescript("DROP INDEX messages_by_day; DROP INDEX journal_runs;"
-                       " UPDATE meta SET value = '2' WHERE key = 'schema_version';")
-    conn.close()
+    downgrade(path, 2)
     assert "schema version 2 is older" in store.verify(str(path)).reason
     writer = store.JournalWriter.open(str(path))
     assert writer.upgraded_from == 2

@@ -158,6 +158,15 @@ def test_durations(text: str, seconds: float) -> None:
     ('[http]\npublic_url = "https://user:secret@ledger.example.com"\n', "http.public_url"),
     ('[http]\nread_timeout = "0s"\n', "http.read_timeout"),
     ('[store]\ncheckpoint_interval = "soon"\n', "store.checkpoint_interval"),
+    ('[store]\nkeep_media = "bytes"\n', "store.keep_media"),
+    ("[store]\nmax_media_bytes = 0\n", "store.max_media_bytes"),
+    ('[inbound]\nforward_url = "app.internal/sms"\n', "inbound.forward_url"),
+    ('[inbound]\nforward_url = "ftp://app.internal/sms"\n', "inbound.forward_url"),
+    ('[inbound]\nforward_url = "https://app.internal/sms#x"\n', "inbound.forward_url"),
+    ('[inbound]\nforward_url = "https://app.internal:0x50/sms"\n', "inbound.forward_url"),
+    ('[inbound]\nforward_url = ""\n', "inbound.forward_url"),
+    ('[inbound]\nforward_timeout = "15s"\n', "inbound.forward_timeout"),
+    ('[inbound]\nforward_timeout = "0s"\n', "inbound.forward_timeout"),
 ])
 def test_bad_file_value_names_the_key(tmp_path: Path, toml: str, key: str) -> None:
     """A wrong key or value in the file raises ConfigError whose message starts with the key."""
@@ -271,6 +280,22 @@ def test_credentials_in_public_url_are_refused_unprinted(tmp_path: Path) -> None
     """A public_url carrying user:password@ is refused, and the password is not echoed."""
     message = config_error(write(tmp_path, '[http]\npublic_url = "https://u:s3cret@x.example"\n'))
     assert "s3cret" not in message and "user:password" in message
+
+
+def test_credentials_in_forward_url_are_refused_unprinted(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, '[inbound]\nforward_url = "https://u:s3cret@app"\n'))
+    assert message.startswith("inbound.forward_url:") and "s3cret" not in message
+
+
+def test_the_inbound_keys_default_and_parse(tmp_path: Path) -> None:
+    defaults = settings.load(None, environ=TOKEN)
+    assert (defaults.inbound_forward_url, defaults.inbound_forward_timeout) == (None, 8.0)
+    assert (defaults.store_keep_media, defaults.store_max_media_bytes) == ("full", 5242880)
+    given = settings.load(None, environ={
+        **TOKEN, "MSGLEDGER_INBOUND_FORWARD_URL": "https://app.internal:8443/sms?desk=2",
+        "MSGLEDGER_INBOUND_FORWARD_TIMEOUT": "14s", "MSGLEDGER_STORE_KEEP_MEDIA": "hash"})
+    assert given.inbound_forward_url == "https://app.internal:8443/sms?desk=2"
+    assert (given.inbound_forward_timeout, given.store_keep_media) == (14.0, "hash")
 
 
 def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:

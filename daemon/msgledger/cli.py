@@ -41,7 +41,7 @@ EXIT_BROKEN_CHAIN = 3
 EXIT_START_FAILED = 4
 CSV_FIELDS = ("sid", "ref", "to", "from", "messaging_service_sid", "status", "error_code",
               "final", "flags", "created_at", "updated_at", "sent_at", "body_sha256", "body",
-              "history")
+              "direction", "in_reply_to", "received_at", "media", "history")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="its Basic auth password and callback signing key")
     simulator.add_argument("--step-delay", type=float, nargs=2, default=(0.5, 3.0),
                            metavar=("MIN", "MAX"), help="seconds between a message's statuses")
+    simulator.add_argument("--inbound-url",
+                           help="the webhook received texts are posted to (POST /sim/inbound)")
+    simulator.add_argument("--inbound-fallback-url",
+                           help="where they are posted when the webhook fails")
     simulator.set_defaults(command=cmd_sim)
     export = commands.add_parser("export", help="write the whole record (safe while running)")
     export.add_argument("--since", type=_date, help="first UTC day (YYYY-MM-DD), inclusive")
@@ -157,7 +161,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
     logs.configure("info")
     host, port = args.listen
-    knobs = sim.SimKnobs(args.account_sid, args.auth_token, step_delay=tuple(args.step_delay))
+    try:
+        knobs = sim.SimKnobs(args.account_sid, args.auth_token,
+                             step_delay=tuple(args.step_delay), inbound_url=args.inbound_url,
+                             inbound_fallback_url=args.inbound_fallback_url)
+    except ValueError as e:
+        print(f"msgledger sim: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(partial(_serve_sim_until_stopped, knobs, host, port))
     return 0
@@ -169,7 +179,9 @@ async def _serve_sim_until_stopped(knobs: SimKnobs, host: str, port: int) -> Non
     async with trio.open_nursery() as nursery:
         simulator = await nursery.start(partial(serve_sim, knobs, host=host, port=port))
         logs.get_logger("msgledger.sim").info("sim_ready", base_url=simulator.base_url,
-                                              account_sid=knobs.account_sid)
+                                              account_sid=knobs.account_sid,
+                                              inbound_url=knobs.inbound_url,
+                                              inbound_control=simulator.base_url + "/sim/inbound")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -228,6 +240,7 @@ def _write_csv(records: Iterable[store.Record], out: TextIO) -> None:
     writer.writeheader()
     for record in records:
         row = dict(record, flags=";".join(record["flags"]),
+                   media=json.dumps(record["media"], ensure_ascii=False),
                    history=json.dumps(record["history"], ensure_ascii=False))
         writer.writerow({k: _inert(v) for k, v in row.items()})
 

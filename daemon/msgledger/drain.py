@@ -21,6 +21,12 @@ async def drain_when(stop: trio.Event, state: ServerState) -> None:
     log.info("drain_started")
 
 
+async def cancel_when(stop: trio.Event, scope: trio.CancelScope) -> None:
+    """Cancel `scope` once `stop` is set: how an actor that loops ends on the drain."""
+    await stop.wait()
+    scope.cancel()
+
+
 async def watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
     """The first signal sets `stop`; the second cancels `everything`. Signals are counted,
     not inferred from `stop`: a front is also told to drain over its link, and systemd's

@@ -33,9 +33,14 @@ Kind: TypeAlias = Literal[
     "reconcile_started",  # a reconcile run began (no message: journal only)
     "reconcile_export_job",  # a run's Bulk Export job, so that a restart picks it up
     "reconcile_run",  # a run ended: its report (no message: journal only)
+    "inbound_received",  # a message reached the firm: Twilio's webhook, every parameter
+    "inbound_forward_failed",  # the firm's app did not answer usable TwiML: why
+    "media_archived",  # a media file was fetched: its type, size and SHA-256 (bytes apart)
+    "media_failed",  # a media file could not be fetched this time: why, and when again
 ]
 
-Source: TypeAlias = Literal["api", "callback", "poll", "reconcile", "debugger", "register"]
+Source: TypeAlias = Literal["api", "callback", "poll", "reconcile", "debugger", "register",
+                            "inbound", "media"]
 
 
 def utc_now() -> str:
@@ -53,7 +58,9 @@ class Event:
     """One fact about one message, exactly as it was observed.
 
     `sid`, `ref` and `status` are lifted out of `data` so the store can index them; `data`
-    holds everything the event carried, verbatim, and must be JSON-serialisable.
+    holds everything the event carried, verbatim, and must be JSON-serialisable. `blob` is
+    a media file's bytes (`media_archived`): stored beside the journal, where a purge can
+    erase them, and never part of the hashed row, which holds their SHA-256.
     """
 
     kind: Kind
@@ -63,6 +70,7 @@ class Event:
     ref: str | None = None
     status: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    blob: bytes | None = field(default=None, repr=False)
 
 
 class JournalUnavailable(Exception):

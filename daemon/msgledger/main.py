@@ -33,6 +33,7 @@ from .http.api import ApiDeps, create_app
 from .http.server import Router, hypercorn_config, public_router, serve_admin, serve_http
 from .http.state import ServerState
 from .http.webhooks import webhook_receiver
+from .inbound.media import MediaConfig, MediaDeps, run_media_fetcher
 from .journal import INTAKE_BUFFER, run_journal
 from .journal_client import JournalClient
 from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
@@ -105,6 +106,9 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
                                                  api, stop))
                     reconciler = _reconciler(settings, journal.clone(), api)
                     await services.start(reconciler.serve, stop)
+                fetcher = _media_fetcher(settings, metrics, journal, api, stop)
+                if fetcher is not None:
+                    await services.start(fetcher)
                 router = _router(settings, state, metrics, journal.clone(), api, reconciler)
                 serve = (_serve_here if settings.http_workers == 1
                          else partial(serve_by_fronts, journal.clone()))
@@ -134,6 +138,21 @@ def _poller(settings: Settings, state: ServerState, metrics: Metrics, journal: J
                       reads=StoreReads(settings.store_path), metrics=metrics.poller,
                       report=state.report_poller)
     return partial(run_poller, stop, config=PollerConfig.from_settings(settings), deps=deps)
+
+
+def _media_fetcher(settings: Settings, metrics: Metrics, journal: JournalClient,
+                   api: TwilioApi | None, stop: trio.Event
+                   ) -> partial[Coroutine[Any, Any, None]] | None:
+    """The media fetcher, ready to start, when media are kept and an auth token can fetch
+    them; it journals through a clone of `journal` and closes it at its end."""
+    if settings.store_keep_media == "none" or not settings.twilio_auth_token:
+        return None
+    config = MediaConfig(settings.store_keep_media, settings.store_max_media_bytes,
+                         settings.twilio_api_base_url)
+    deps = MediaDeps(journal=journal.clone(), reads=StoreReads(settings.store_path),
+                     auth_token=settings.twilio_auth_token, metrics=metrics, clock=wall_clock,
+                     list_media=None if api is None else api.list_media)
+    return partial(run_media_fetcher, stop, config=config, deps=deps)
 
 
 def _reconciler(settings: Settings, journal: JournalClient, api: TwilioApi) -> Reconciler:

@@ -41,8 +41,14 @@ class Metrics:
             "msgledger_connection_errors",
             "Connections ended early, by reason: http2_refused, body_timeout, failed",
             ["reason"], registry=self.registry)
+        self.inbound_forwards = Counter(
+            "msgledger_inbound_forwards",
+            "Inbound messages given to inbound.forward_url, by outcome: twiml (its answer went"
+            " to Twilio), empty (it answered nothing), failed (an empty <Response/> went)",
+            ["outcome"], registry=self.registry)
         # The counters a front keeps and reports to the main process (`tally`), by name.
-        self._tallied = {"callbacks": self.callbacks, "connection_errors": self.connection_errors}
+        self._tallied = {"callbacks": self.callbacks, "connection_errors": self.connection_errors,
+                         "inbound_forwards": self.inbound_forwards}
         self.commit_seconds = Histogram(
             "msgledger_journal_commit_seconds", "Time to commit one batch, thread hop included",
             buckets=_COMMIT_BUCKETS, registry=self.registry)
@@ -50,6 +56,10 @@ class Metrics:
             "msgledger_journal_batch_size", "Events per journal commit",
             buckets=_BATCH_BUCKETS, registry=self.registry)
         self.poller = PollerMetrics(self.registry)
+        self.media_fetches = Counter(
+            "msgledger_media_fetches",
+            "Media files fetched, by outcome: archived, truncated, failed (tried again"
+            " later), gave_up", ["outcome"], registry=self.registry)
 
     def tally(self) -> list[list[Any]]:
         """`[counter, {label: value}, total]` for each sample of the counters a front keeps:

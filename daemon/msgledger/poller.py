@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from . import store
+from .drain import cancel_when
 from .events import Ack, Event, JournalUnavailable, Reply, iso_utc
 from .journal_client import JournalClient
 from .logs import get_logger
@@ -131,18 +132,13 @@ async def run_poller(stop: trio.Event, *, config: PollerConfig, deps: PollerDeps
     with deps.journal:
         poller = _Poller(config, deps)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when, stop, nursery.cancel_scope)
+            nursery.start_soon(cancel_when, stop, nursery.cancel_scope)
             nursery.start_soon(poller.watch_backlog)
             task_status.started()
             while True:
                 started = trio.current_time()
                 await poller.run_pass()
                 await trio.sleep_until(started + config.interval)
-
-
-async def _cancel_when(stop: trio.Event, scope: trio.CancelScope) -> None:
-    await stop.wait()
-    scope.cancel()
 
 
 class _Poller:

@@ -10,6 +10,7 @@ carries our `ref`, so callbacks find their send even before its SID is journaled
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,6 +39,7 @@ class SendRequest:
     messaging_service_sid: str | None
     body: str
     ref: str
+    media_urls: tuple[str, ...] = ()  # Twilio's MediaUrl: fetched by Twilio, kept by us
 
 
 SendResult = Literal["accepted", "rejected", "unknown", "not_journaled", "outcome_not_journaled"]
@@ -72,8 +74,7 @@ class Sender:
         self._in_flight.discard(ref)
 
     def status_callback(self, ref: str) -> str:
-        return (f"{self._public_url()}/twilio/status?ref={quote(ref, safe='')}"
-                f"#{CALLBACK_OVERRIDES}")
+        return status_callback_url(self._public_url(), ref)
 
     async def send(self, request: SendRequest) -> SendResult:
         """Journal the request, call Twilio, journal the outcome."""
@@ -104,7 +105,7 @@ class Sender:
         return {"to": request.to, "from": request.from_,
                 "messaging_service_sid": request.messaging_service_sid,
                 "status_callback": self.status_callback(request.ref),
-                **body_fields(request.body, self._keep_body)}
+                **body_fields(request.body, self._keep_body), **media_fields(request.media_urls)}
 
     def _create_params(self, request: SendRequest) -> dict[str, Any]:
         params: dict[str, Any] = {"to": request.to, "body": request.body,
@@ -113,7 +114,28 @@ class Sender:
             params["from_"] = request.from_
         if request.messaging_service_sid:
             params["messaging_service_sid"] = request.messaging_service_sid
+        if request.media_urls:
+            params["media_url"] = list(request.media_urls)
         return params
+
+
+def new_ref() -> str:
+    """A ref of msgledger's own making, for a send that was given none."""
+    return "ml-" + secrets.token_hex(12)
+
+
+def status_callback_url(public_url: str, ref: str) -> str:
+    """Where Twilio reports the statuses of the message sent as `ref`."""
+    return f"{public_url}/twilio/status?ref={quote(ref, safe='')}#{CALLBACK_OVERRIDES}"
+
+
+def media_fields(urls: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """A send's media as journaled: the URLs given, and each file pending for the media
+    fetcher, which takes it from Twilio's copy once the message has a SID."""
+    if not urls:
+        return {}
+    return {"media_url": list(urls),
+            "media": [{"n": n, "url": url, "state": "pending"} for n, url in enumerate(urls)]}
 
 
 def body_fields(body: str, keep_body: str) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class Settings:
     store_path: str
     store_checkpoint_interval: float  # seconds between journal_checkpoint lines
     store_keep_body: str  # "full" | "hash" | "none"
+    store_keep_media: str  # "full" | "hash" | "none"
+    store_max_media_bytes: int  # a media file over this is hashed, flagged, not kept
     twilio_account_sid: str | None
     twilio_auth_token: str | None
     twilio_api_base_url: str
@@ -64,6 +66,8 @@ class Settings:
     reconciler_source: str  # "auto" | "list" | "export"
     reconciler_export_over: int  # messages a day; with auto, more uses Bulk Export
     reconciler_export_poll_interval: float  # seconds
+    inbound_forward_url: str | None  # the firm's app, given each inbound message once journaled
+    inbound_forward_timeout: float  # seconds the app has to answer
     log_level: str
     log_access: bool  # one line per /v1, /metrics and /healthz request
 
@@ -129,13 +133,18 @@ def parse_public_url(raw: object) -> str:
     if parts.path.split("/")[1:2] in (["twilio"], ["v1"], ["metrics"], ["healthz"]):
         # Routes answer at the root too: a prefix spelled like one could not be told apart.
         raise ValueError(f"expected a prefix that does not begin like a route, got {parts.path!r}")
-    if "@" in parts.netloc:  # Twilio signs without them; and they would land in every event
+    _check_authority(parts, raw)  # Twilio signs without a user; it would land in every event
+    return text
+
+
+def _check_authority(parts: SplitResult, raw: object) -> None:
+    """ValueError for a URL with user:password@, or a port outside 0 to 65535."""
+    if "@" in parts.netloc:
         raise ValueError(f"expected no user:password@ in the URL, got {_redacted(parts)!r}")
     try:
         parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
     except ValueError:
         raise ValueError(f"expected a port from 0 to 65535, got {raw!r}") from None
-    return text
 
 
 def _redacted(parts: SplitResult) -> str:
@@ -218,6 +227,29 @@ def parse_store_path(raw: object) -> str:
     return path
 
 
+def parse_forward_url(raw: object) -> str:
+    """http(s)://host[:port][/path][?query]: the firm's app, as its own webhook URL reads."""
+    text = _text(raw)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
+    if parts.fragment or "#" in text:
+        raise ValueError(f"expected no #fragment, got {raw!r}")
+    _check_authority(parts, raw)  # the request is signed instead; a user would land in logs
+    return text
+
+
+MAX_FORWARD_SECONDS = 14.0  # Twilio waits 15 s for the whole answer, connection included
+
+
+def parse_forward_timeout(raw: object) -> float:
+    seconds = parse_positive_duration(raw)
+    if seconds > MAX_FORWARD_SECONDS:
+        raise ValueError(f"expected at most {MAX_FORWARD_SECONDS:g}s: Twilio gives up on the"
+                         f" whole answer after 15 s, got {raw!r}")
+    return seconds
+
+
 def parse_daily_at(raw: object) -> str:
     text = str(raw)
     match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
@@ -259,6 +291,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "path": (parse_store_path, "msgledger.db"),
         "checkpoint_interval": (parse_positive_duration, "1m"),
         "keep_body": (_one_of("full", "hash", "none"), "full"),
+        "keep_media": (_one_of("full", "hash", "none"), "full"),
+        "max_media_bytes": (parse_positive_int, 5 * 1024 * 1024),  # Twilio's MMS limit
     },
     "twilio": {
         "account_sid": (_text, None),
@@ -283,6 +317,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], object]]] = {
         "source": (_one_of("auto", "list", "export"), "auto"),
         "export_over": (parse_non_negative_int, 100_000),
         "export_poll_interval": (parse_positive_duration, "1m"),
+    },
+    "inbound": {
+        "forward_url": (parse_forward_url, None),  # None: Twilio gets an empty <Response/>
+        "forward_timeout": (parse_forward_timeout, "8s"),
     },
     "log": {"level": (_one_of("debug", "info", "warning", "error"), "info"),
             "access": (parse_bool, True)},

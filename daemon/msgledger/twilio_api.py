@@ -126,6 +126,10 @@ class PageRefused:
 
 PageOutcome = Page | PageRefused | Throttled | CredentialsRefused
 
+
+class MediaListUnavailable(Exception):
+    """Twilio did not list a message's media this time; the message says why."""
+
 CREATED_FIELDS = ("sid", "status", "to", "from_", "messaging_service_sid", "date_created",
                   "date_sent", "num_segments", "error_code", "error_message", "price",
                   "price_unit", "account_sid")
@@ -226,6 +230,23 @@ class TwilioApi:
         whatever it thinks of any one message (the poller's probe while paused)."""
         sid = self._config.account_sid
         return await self._read(lambda c: c.api.v2010.accounts(sid).fetch(), _account)
+
+    async def list_media(self, sid: str) -> list[str]:
+        """The URLs of message `sid`'s media files at Twilio, in its Media list's order;
+        MediaListUnavailable when Twilio does not answer with the list."""
+        base = self._config.base_url
+
+        def get(client: Client) -> list[str]:
+            return [base + str(m.uri).removesuffix(".json")
+                    for m in client.api.v2010.account.messages(sid).media.list()]
+
+        try:
+            return await self.call(get)
+        except TwilioRestException as error:
+            raise MediaListUnavailable(f"Twilio answered {error.status} to the media list"
+                                       f" ({error.code})") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise MediaListUnavailable(f"{type(error).__name__}: {error}"[:300]) from None
 
     async def list_page(self, next_page_uri: str | None,
                         params: Mapping[str, str]) -> PageOutcome:

@@ -102,6 +102,11 @@ def create_app(deps: ApiDeps) -> QuartTrio:
             return jsonify(error=f"no message with SID or ref {key!r}"), 404
         return jsonify(record), 200
 
+    @app.get("/v1/messages/<key>/media/<n>")
+    @guarded
+    async def get_media(key: str, n: str) -> Response | ApiResponse:
+        return await _media(reader, key, payloads.media_index(n))
+
     @app.get("/v1/messages")
     @guarded
     async def list_messages() -> ApiResponse:
@@ -127,6 +132,26 @@ def create_app(deps: ApiDeps) -> QuartTrio:
         return jsonify(runs=await _recent_runs(deps.reconciler, reader, limit)), 200
 
     return app
+
+
+async def _media(reader: StoreReads, key: str, n: int) -> Response | ApiResponse:
+    """A kept media file, as an attachment of its own content type: it came from a
+    stranger's phone, so no browser may render it in the API's origin."""
+    record = await reader.record(key)
+    if record is None:
+        return jsonify(error=f"no message with SID or ref {key!r}"), 404
+    listed = [m for m in record["media"] if m["n"] == n]
+    if not listed:
+        return jsonify(error=f"the message has no media {n}"), 404
+    found = await reader.run(store.media_file, str(record["sid"]), n)
+    if found is None:
+        return jsonify(error=f"media {n} is not kept (state: {listed[0]['state']},"
+                       f" kept: {str(listed[0]['kept']).lower()})"), 404
+    content_type, blob = found
+    return Response(blob, content_type=content_type or "application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="{record["sid"]}-{n}"',
+        "X-Content-Type-Options": "nosniff",
+        "X-Media-SHA256": str(listed[0]["sha256"])})
 
 
 def _refusal(error: HTTPException) -> Response:

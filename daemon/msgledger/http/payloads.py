@@ -13,12 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..sender import SendRequest
+from ..sender import SendRequest, new_ref
 from .webhooks import SID, SID_SHAPED  # defined with the receiver: the front imports it alone
 
 if TYPE_CHECKING:
@@ -121,22 +120,39 @@ def _ref(payload: Mapping[str, Any]) -> str | None:
     return ref
 
 
-def new_ref() -> str:
-    return "ml-" + secrets.token_hex(12)
+MAX_MEDIA_URLS = 10  # Twilio's limit for one message
+MAX_URL = 2048
+URL = re.compile(r"https?://[!-~]+")  # printable ASCII, no space: as a URL is sent
 
 
 def send_request(payload: object) -> SendRequest:
-    """`POST /v1/messages`: to, from or messaging_service_sid, body, optional ref."""
-    p = _object(payload, {"to", "from", "messaging_service_sid", "body", "ref"})
+    """`POST /v1/messages`: to, from or messaging_service_sid, body and/or media_url,
+    optional ref."""
+    p = _object(payload, {"to", "from", "messaging_service_sid", "body", "ref", "media_url"})
     to = _string(p, "to")
     from_ = _string(p, "from", required=False)
     service = _string(p, "messaging_service_sid", required=False, pattern=SERVICE_SID)
     if (from_ is None) == (service is None):
         raise Invalid("from", "give exactly one of from and messaging_service_sid")
-    body = _string(p, "body", max_len=MAX_BODY_CHARS)
+    media = _media_urls(p)
+    body = _string(p, "body", required=not media, max_len=MAX_BODY_CHARS) or ""
     ref = _ref(p) or new_ref()
-    assert to is not None and body is not None
-    return SendRequest(to, from_, service, body, ref)
+    assert to is not None
+    return SendRequest(to, from_, service, body, ref, media)
+
+
+def _media_urls(payload: Mapping[str, Any]) -> tuple[str, ...]:
+    """`media_url`: 1 to 10 http(s) URLs Twilio fetches the files from."""
+    urls = payload.get("media_url")
+    if urls is None:
+        return ()
+    if not isinstance(urls, list) or not 1 <= len(urls) <= MAX_MEDIA_URLS:
+        raise Invalid("media_url", f"expected a list of 1 to {MAX_MEDIA_URLS} URLs")
+    for url in urls:
+        if not (isinstance(url, str) and URL.fullmatch(url) and len(url) <= MAX_URL):
+            raise Invalid("media_url", f"expected http:// or https:// URLs of at most"
+                          f" {MAX_URL} printable ASCII characters, without spaces")
+    return tuple(urls)
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,16 @@ def registration(payload: object) -> Registration:
     sid, to, from_, status = (str(v) for v in values)
     return Registration(sid, to, from_, status, _ref(p),
                         _string(p, "body", required=False, max_len=MAX_BODY_CHARS))
+
+
+MAX_MEDIA = 1000  # Twilio takes 10 media a message; a webhook may name MediaUrl0 to 999
+
+
+def media_index(text: str) -> int:
+    """`n` of `GET /v1/messages/{key}/media/{n}`: a whole number from 0."""
+    if not DIGITS.fullmatch(text) or int(text) >= MAX_MEDIA:
+        raise Invalid("n", f"expected a whole number from 0 to {MAX_MEDIA - 1}")
+    return int(text)
 
 
 @dataclass(frozen=True)

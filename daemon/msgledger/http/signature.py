@@ -66,6 +66,13 @@ class SignatureChecker:
         return False
 
 
+    def sign(self, url: str, pairs: Sequence[tuple[str, str]]) -> str:
+        """The X-Twilio-Signature Twilio would send for `pairs` posted to `url` (as the
+        firm's app checks a forwarded inbound message)."""
+        signature: str = self._validator.compute_signature(url, _FormPairs(pairs))
+        return signature
+
+
 def host_respelled(url: str, host: str | None) -> str | None:
     """`url` with its host spelled as in `host` (a Host header: host[:port], whose port is
     not used) when the two differ in ASCII letter case only; None otherwise."""

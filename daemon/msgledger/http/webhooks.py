@@ -1,4 +1,4 @@
-"""The webhook receiver: `POST /twilio/status` and `POST /twilio/debugger`.
+"""The webhook receiver: `POST /twilio/status`, `/twilio/inbound` and `/twilio/debugger`.
 
 A lean ASGI path in front of Quart, because this is the hot route and Quart's request
 object and form parsing were a large share of its cost, which `parse_qsl` does in a
@@ -6,6 +6,8 @@ fraction (docs/design.md, "Why the webhook path bypasses Quart"). The order of c
 the contract:
 size (413) -> content type (415) -> signature (403, nothing journaled) -> required fields
 (400) -> journal -> 200 only once the event is committed, 503 if not within `ack_timeout`.
+An inbound message's 200 carries TwiML (`inbound/answer.py`): never plain text, which
+Twilio could send back to the sender as an SMS.
 Anything else that goes wrong is answered 500, counted and logged (`callback_failed`), like
 every other outcome: no request escapes to hypercorn unanswered by us. Each line names the
 client, the path and the user agent; the event keeps the client (docs/clients.md).
@@ -26,6 +28,9 @@ from hypercorn.typing import ASGISendCallable as Send
 from hypercorn.typing import HTTPScope as Scope
 
 from ..events import Event, JournalUnavailable, utc_now
+from ..inbound.answer import InboundAnswer
+from ..inbound.forward import FirmApp
+from ..inbound.receipt import ReceiptRules, inbound_event
 from ..journal_client import JournalClient
 from ..logs import get_logger
 from ..metrics import Metrics
@@ -49,12 +54,13 @@ log = get_logger("msgledger.webhooks")
 
 @dataclass(frozen=True)
 class Route:
-    name: str  # "status" | "debugger", the metrics label
+    name: str  # "status" | "inbound" | "debugger", the metrics label
     required: tuple[str, ...]  # form fields without which the request is 400
 
 
 ROUTES = {
     "/twilio/status": Route("status", ("MessageSid", "MessageStatus")),
+    "/twilio/inbound": Route("inbound", ("MessageSid",)),
     "/twilio/debugger": Route("debugger", ("Sid",)),
 }
 
@@ -66,6 +72,7 @@ class Outcome:
     event: Event | None = None
     seq: int | None = None
     error: str | None = None  # the type of an unexpected exception: answered 500
+    twiml: bytes | None = None  # an inbound message's answer
 
 
 class Refused(Exception):
@@ -82,13 +89,15 @@ class WebhookReceiver:
 
     def __init__(self, journal: JournalClient, checker: SignatureChecker, *,
                  state: ServerState, max_body: int, metrics: Metrics,
-                 clients: ClientResolver | None = None) -> None:
+                 clients: ClientResolver | None = None,
+                 inbound: tuple[ReceiptRules, InboundAnswer] | None = None) -> None:
         self.journal = journal  # each wait for the journal is bounded by http.ack_timeout
         self.checker = checker
         self.state = state  # its public_url is known once the listener is bound
         self.max_body = max_body
         self.metrics = metrics
         self.clients = clients or ClientResolver(())  # no proxies trusted: the peer
+        self.inbound = inbound  # None: /twilio/inbound is not served (400 for its events)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = ROUTES[scope["path"]]
@@ -103,7 +112,8 @@ class WebhookReceiver:
             outcome = Outcome(500, "internal error", error=type(error).__name__)
         try:  # a 405 says what is allowed, as RFC 9110 asks
             await respond(send, outcome.http_status, outcome.reason,
-                          allow="POST" if outcome.http_status == 405 else None)
+                          allow="POST" if outcome.http_status == 405 else None,
+                          twiml=outcome.twiml)
         finally:  # counted even if the answer cannot be sent: the outcome stands
             self._account(route, outcome, time.perf_counter() - started,
                           {"client": client, "path": scope["path"],
@@ -121,8 +131,22 @@ class WebhookReceiver:
         if signature is None:
             raise Refused(403, "missing X-Twilio-Signature")
         url = self._signed_url(self._url(scope), headers, pairs, signature.decode("latin-1"))
-        event = _event(route, url, scope, pairs, headers, client)
-        return await self._journal(event)
+        form = _form_of(route, pairs)
+        data = _data(url, pairs, headers, client)
+        if route.name == "inbound":
+            return await self._inbound(pairs, form, data)
+        return await self._journal(_event(route, scope, form, data))
+
+    async def _inbound(self, pairs: list[tuple[str, str]], form: Mapping[str, str],
+                       data: dict[str, Any]) -> Outcome:
+        """Journal the message, then answer Twilio (the app's TwiML, or an empty one)."""
+        assert self.inbound is not None, "webhook_receiver gives every receiver one"
+        rules, answer = self.inbound
+        outcome = await self._journal(inbound_event(pairs, form, rules, data))
+        if outcome.http_status != 200 or outcome.event is None:
+            return outcome
+        twiml = await answer.answer(outcome.event, pairs, form)
+        return Outcome(200, outcome.reason, outcome.event, outcome.seq, twiml=twiml)
 
     def _signed_url(self, url: str, headers: Mapping[bytes, bytes],
                     pairs: list[tuple[str, str]], signature: str) -> str:
@@ -174,9 +198,17 @@ def webhook_receiver(settings: Settings, journal: JournalClient, *, state: Serve
     if not settings.http_webhooks:
         return None
     assert settings.twilio_auth_token, "settings refuse webhooks without an auth token"
-    return WebhookReceiver(journal, SignatureChecker(settings.twilio_auth_token), state=state,
+    checker = SignatureChecker(settings.twilio_auth_token)
+    app = None if settings.inbound_forward_url is None else FirmApp(
+        settings.inbound_forward_url, settings.inbound_forward_timeout, checker)
+    answer = InboundAnswer(app, journal, keep_body=settings.store_keep_body,
+                           public_url=lambda: str(state.public_url), metrics=metrics)
+    rules = ReceiptRules(settings.store_keep_body, settings.store_keep_media,
+                         settings.twilio_api_base_url)
+    return WebhookReceiver(journal, checker, state=state,
                            max_body=settings.http_max_body_bytes, metrics=metrics,
-                           clients=ClientResolver(settings.http_trusted_proxies))
+                           clients=ClientResolver(settings.http_trusted_proxies),
+                           inbound=(rules, answer))
 
 
 def headers_of(scope: Scope) -> dict[bytes, bytes]:
@@ -211,14 +243,27 @@ def _parse_form(body: bytes) -> list[tuple[str, str]]:
         raise Refused(400, f"malformed form body: {e}") from e
 
 
-def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
-           headers: Mapping[bytes, bytes], client: str) -> Event:
+def _form_of(route: Route, pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """The first value of each field; Refused(400) unless the route's own are there."""
     form: dict[str, str] = {}
     for name, value in pairs:
         form.setdefault(name, value)
     missing = [name for name in route.required if not form.get(name)]
     if missing:
         raise Refused(400, f"missing {', '.join(missing)}")
+    return form
+
+
+def _data(url: str, pairs: list[tuple[str, str]], headers: Mapping[bytes, bytes],
+          client: str) -> dict[str, Any]:
+    """What every webhook event keeps: the form (as JSON arrays), the signed URL, Twilio's
+    headers and the client."""
+    return {"params": pairs, "url": url, "headers": {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
+        if k.startswith(KEPT_HEADER_PREFIXES)}, "client": client}
+
+
+def _event(route: Route, scope: Scope, form: Mapping[str, str], data: dict[str, Any]) -> Event:
     query = scope.get("query_string", b"")
     ref = parse_qs(query.decode("latin-1")).get("ref", [None])[0] if query else None
     if ref is not None and SID_SHAPED.fullmatch(ref):
@@ -226,9 +271,6 @@ def _event(route: Route, url: str, scope: Scope, pairs: list[tuple[str, str]],
         # someone else might. The event is kept (URL and all) but links by its SID alone,
         # so no ref can ever be looked up as, or in place of, a SID.
         ref = None
-    data = {"params": pairs, "url": url, "headers": {  # pairs are stored as JSON arrays
-        k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
-        if k.startswith(KEPT_HEADER_PREFIXES)}, "client": client}
     if route.name == "status":
         return Event("callback", "callback", utc_now(), sid=form["MessageSid"], ref=ref,
                      status=form["MessageStatus"], data=data)
@@ -248,11 +290,16 @@ def _debugger_sid(form: Mapping[str, str]) -> str | None:
     return sid if isinstance(sid, str) and SID.fullmatch(sid) else None
 
 
-async def respond(send: Send, status: int, reason: str, *, allow: str | None = None) -> None:
-    """Empty for 200, else `{"error": reason}`; `allow` is a 405's Allow header."""
-    body = b"" if status == 200 else json.dumps({"error": reason}).encode()
+async def respond(send: Send, status: int, reason: str, *, allow: str | None = None,
+                  twiml: bytes | None = None) -> None:
+    """`twiml` (text/xml) or empty for 200, else `{"error": reason}`; `allow` is a 405's
+    Allow header."""
+    body = twiml if twiml is not None else (
+        b"" if status == 200 else json.dumps({"error": reason}).encode())
     headers = [(b"content-length", str(len(body)).encode())]
-    if body:
+    if twiml is not None:
+        headers.append((b"content-type", b"text/xml; charset=utf-8"))
+    elif body:
         headers.append((b"content-type", b"application/json"))
     if allow is not None:
         headers.append((b"allow", allow.encode()))

@@ -10,7 +10,11 @@ For each listed message:
   its last four digits aside when Twilio's copy ends in XXXX; same sender; created within
   `match_window`; same body hash when the listing shows a body). One candidate:
   `sid_matched`. Several: each is flagged `ambiguous_match`, and the listed message is
-  imported with that flag too. None: imported, flagged `imported`.
+  imported with that flag too. None: imported, flagged `imported`. An inbound message
+  (`direction: inbound`) is never a send: unknown, it is imported and flagged
+  `missed_webhook` too, since its webhook never reached the journal. An `outbound-reply`
+  (a TwiML `<Message>` of the firm's app) is matched like a send: its reply was journaled
+  as one, without a SID until its first callback.
 
 After the listing: the day's messages with a SID that it did not name are fetched by SID
 (the caller does that; `unlisted`, `after_fetch`), and the day's sends of unknown outcome
@@ -35,12 +39,13 @@ from ..store import rank
 from ..store._fold import MISSING, NOT_CREATED, NOT_FOUND, TERMINAL_RANK
 from ..store._reconcile import DayMessage, Known, UnknownSend
 from ..twilio_api import Fetched
-from .rows import OUTBOUND, SID, Broken, Listed, Parse, sid_of
+from .rows import SID, Broken, Listed, Parse, sid_of
 
 _ISO_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\dZ")
 _RFC_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d \+0000")
 AMBIGUOUS = "ambiguous_match"
 IMPORTED = "imported"
+MISSED_WEBHOOK = "missed_webhook"  # an inbound message the webhook never brought
 _GONE = frozenset({MISSING, NOT_FOUND})
 
 
@@ -187,16 +192,12 @@ class Comparison:
         store already holds as Twilio has it: one the full reading would find
         `unchanged`. Only when every field it looks at has Twilio's own form."""
         assert isinstance(item, dict)
-        status, direction = item.get("status"), item.get("direction")
-        return (status.__class__ is str and (direction is None or direction in OUTBOUND)
-                and not found.flags & _GONE
+        status = item.get("status")
+        return (status.__class__ is str and not found.flags & _GONE
                 and not _is_news(status, found.status, found.terminals)
                 and self.day.exactly_on(item.get("date_sent") or item.get("date_created")))
 
     def _compare(self, row: Listed, known: dict[str, Known]) -> list[Event]:
-        if not row.outbound:
-            self.tally["inbound_skipped"] += 1
-            return []
         if not self.day.holds(row.date_sent or row.date_created):
             self.tally["other_day"] += 1
             return []
@@ -280,6 +281,8 @@ class Comparison:
                             data={**row.reported(), "found": True})]
 
     def _unknown(self, row: Listed) -> list[Event]:
+        if not row.outbound:
+            return [self._imported(row, [IMPORTED, MISSED_WEBHOOK])]
         candidates = self.candidates.of(row)
         if len(candidates) == 1 and candidates[0].ref not in self.candidates.ambiguous:
             [send] = candidates
@@ -291,19 +294,23 @@ class Comparison:
         flags = [IMPORTED]
         events = []
         if candidates:
-            self.tally[AMBIGUOUS] += 1
             flags.append(AMBIGUOUS)
             for send in candidates:
                 if send.ref not in self.candidates.ambiguous:
                     self.candidates.ambiguous.add(send.ref)
                     events.append(self._event("reconciled", ref=send.ref, data={
                         "flags": [AMBIGUOUS], "listed_sid": row.sid}))
-        self.tally[IMPORTED] += 1
-        data = {**row.reported(), **self._body(row.body), "flags": flags, "found": True}
-        if candidates:
-            data["candidates"] = sorted(send.ref for send in candidates)
-        events.insert(0, self._event("reconciled", sid=row.sid, status=row.status, data=data))
+        extra = {"candidates": sorted(send.ref for send in candidates)} if candidates else {}
+        events.insert(0, self._imported(row, flags, **extra))
         return events
+
+    def _imported(self, row: Listed, flags: list[str], **extra: Any) -> Event:
+        """The event that brings a listed message the store never had into the record."""
+        for flag in flags:
+            self.tally[flag] += 1
+        data = {**row.reported(), **self._body(row.body), "flags": flags, "found": True,
+                **extra}
+        return self._event("reconciled", sid=row.sid, status=row.status, data=data)
 
     def _body(self, body: str | None) -> dict[str, Any]:
         if not body:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events import Event
+from ._fold_media import NO_MEDIA, MediaItem, fold_media
 
 # Twilio's lifecycle ranks (docs/twilio.md, "How msgledger ranks statuses"). A late lower
 # status is journaled, never applied.
@@ -34,12 +35,14 @@ RANK: dict[str, int] = {
     "sent": 4,
     "delivered": 5, "undelivered": 5, "failed": 5, "canceled": 5,
     "read": 6,
+    # An inbound message's only two (docs/twilio.md, "Inbound messages"): received is final.
+    "receiving": 2, "received": 5,
 }
 # msgledger's own statuses for a send Twilio has not answered; any Twilio status beats them.
 LOCAL_RANK: dict[str, int] = {"requested": 0, "outcome_unknown": 0, "rejected": 0}
 UNKNOWN_RANK = -1  # unknown statuses are kept in the history but never beat a known one
 TERMINAL_RANK = 5
-FINAL = frozenset({"delivered", "undelivered", "failed", "canceled", "read"})
+FINAL = frozenset({"delivered", "undelivered", "failed", "canceled", "read", "received"})
 # Nothing more will happen to these: Twilio's final statuses, and a send Twilio refused.
 SETTLED = FINAL | {"rejected"}
 
@@ -49,13 +52,22 @@ SETTLED = FINAL | {"rejected"}
 _TIE_ORDER: dict[str, int] = {
     "scheduled": 0, "accepted": 1,
     "requested": 0, "outcome_unknown": 1, "rejected": 2,
-    "canceled": 0, "failed": 1, "undelivered": 2, "delivered": 3,
+    "canceled": 0, "failed": 1, "undelivered": 2, "delivered": 3, "received": 4,
 }
 
 # Twilio's callback parameter names -> the record's field names.
 _CALLBACK_FIELDS = {"To": "to", "From": "from", "MessagingServiceSid": "messaging_service_sid",
                     "ErrorCode": "error_code"}
+# An inbound webhook's: its Body is the message's, and an ErrorCode is the fallback's
+# (why Twilio could not reach the primary URL), not the message's.
+_INBOUND_FIELDS = {"To": "to", "From": "from", "MessagingServiceSid": "messaging_service_sid",
+                   "Body": "body"}
 _FIELDS = ("to", "from", "messaging_service_sid", "body", "body_sha256")
+INBOUND = "inbound"
+OUTBOUND_API = "outbound-api"  # what Twilio calls a message created through its API
+# The kinds that make a message ours to send (when their data names no other direction).
+_SENDS = frozenset({"send_requested", "send_accepted", "send_rejected", "send_unknown",
+                    "register"})
 _NO_FLAGS: frozenset[str] = frozenset()
 NOT_FOUND = "not_found_at_twilio"  # the last poll was answered 404
 UNCONFIRMED = "unconfirmed"  # the poller gave up before any final status
@@ -97,6 +109,10 @@ class MessageState:
     sent_at: str | None = None  # first time Twilio had it; the poller measures age from here
     polls: int = 0  # `polled` events: Twilio's answers to the poller
     next_poll_at: str | None = None  # when the poller asks again, as its last answer set
+    direction: str | None = None  # Twilio's: outbound-api, outbound-reply, inbound...
+    in_reply_to: str | None = None  # the SID of the message this one answers
+    received_at: str | None = None  # when its inbound webhook was first journaled
+    media: tuple[MediaItem, ...] = NO_MEDIA
 
 
 def facts(event: Event) -> dict[str, str]:
@@ -104,10 +120,13 @@ def facts(event: Event) -> dict[str, str]:
     data: Mapping[str, Any] = event.data
     found: dict[str, str] = {}
     if "params" in data:  # a Twilio webhook: verbatim form pairs
+        names = _INBOUND_FIELDS if event.kind == "inbound_received" else _CALLBACK_FIELDS
         for name, value in data["params"]:
-            field_name = _CALLBACK_FIELDS.get(name)
+            field_name = names.get(name)
             if field_name and value != "" and field_name not in found:
                 found[field_name] = value
+        if isinstance(data.get("body_sha256"), str):
+            found["body_sha256"] = data["body_sha256"]
     else:
         for name in (*_FIELDS, "error_code"):
             value = data.get(name)
@@ -123,6 +142,8 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
     journal's thread, where a `dataclasses.replace` per field group was most of its cost.
     """
     s = state or MessageState(created_at=event.at, updated_at=event.at)
+    if event.kind == "inbound_received" and s.received_at is not None:
+        return s  # the same message again (a retry, the fallback): journaled, nothing more
     found = facts(event)
     flags = s.flags | _flags_from(event)
     status, error_code, terminals, sent_at = s.status, s.error_code, s.terminals, s.sent_at
@@ -153,6 +174,9 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
     if status in FINAL and UNCONFIRMED in flags:
         flags = flags - {UNCONFIRMED}
     sid = s.sid or event.sid
+    received_at = s.received_at
+    if event.kind == "inbound_received":
+        received_at = event.at
     if sid is not None and NOT_CREATED in flags:
         flags = flags - {NOT_CREATED}
     return MessageState(
@@ -172,13 +196,36 @@ def apply(state: MessageState | None, event: Event) -> MessageState:
         sent_at=sent_at,
         polls=polls,
         next_poll_at=next_poll_at,
+        direction=s.direction or _direction(event),
+        in_reply_to=s.in_reply_to or _in_reply_to(event),
+        received_at=received_at,
+        media=fold_media(s.media, event),
     )
+
+
+def _direction(event: Event) -> str | None:
+    """The direction an event states: its data's (Twilio's, or a reply's), else what its
+    kind implies."""
+    stated = event.data.get("direction")
+    if isinstance(stated, str) and stated:
+        return stated
+    if event.kind == "inbound_received":
+        return INBOUND
+    return OUTBOUND_API if event.kind in _SENDS else None
+
+
+def _in_reply_to(event: Event) -> str | None:
+    """The message an event says this one answers: a reply's inbound message, or the
+    `OriginalRepliedMessageSid` of an inbound webhook (a message sent in the last 7 days)."""
+    linked = event.data.get("in_reply_to")
+    return linked if isinstance(linked, str) and linked else None
 
 
 def poll_from(state: MessageState) -> str | None:
     """When the message's age counts from while the poller may poll it (its `sent_at`, or
     its first event); None once it may not: no SID, a final status, or given up."""
-    if state.sid is None or state.status in FINAL or UNCONFIRMED in state.flags:
+    if (state.sid is None or state.status in FINAL or UNCONFIRMED in state.flags
+            or state.direction == INBOUND or state.status == "receiving"):
         return None
     return state.sent_at or state.created_at
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from ..events import Event
 from ._bulk import insert_rows
 from ._fold import MessageState, apply, poll_from
+from ._fold_media import media_due, media_from_json
 from ._schema import MESSAGE_COLUMNS, JournalRow, journal_columns
 
 _SELECT = f"SELECT id, {', '.join(MESSAGE_COLUMNS)} FROM messages"
@@ -219,7 +220,8 @@ def _lookup(column: str, count: int) -> str:
 
 def _state_from_row(row: tuple[object, ...]) -> MessageState:
     (sid, ref, to, from_, mss, body, body_sha256, status, error_code, terminals, flags,
-     created_at, updated_at, sent_at, polls, next_poll_at, _poll_from, _last_seq) = row
+     created_at, updated_at, sent_at, polls, next_poll_at, _poll_from, _last_seq, direction,
+     in_reply_to, received_at, media, _media_due) = row
     return MessageState(
         sid=sid, ref=ref, to=to, from_=from_, messaging_service_sid=mss,  # type: ignore[arg-type]
         body=body, body_sha256=body_sha256, status=status,  # type: ignore[arg-type]
@@ -228,6 +230,9 @@ def _state_from_row(row: tuple[object, ...]) -> MessageState:
         created_at=str(created_at), updated_at=str(updated_at),
         sent_at=sent_at, polls=int(str(polls)),  # type: ignore[arg-type]
         next_poll_at=next_poll_at,  # type: ignore[arg-type]
+        direction=direction, in_reply_to=in_reply_to,  # type: ignore[arg-type]
+        received_at=received_at,  # type: ignore[arg-type]
+        media=media_from_json(json.loads(str(media))) if media else (),
     )
 
 
@@ -235,7 +240,9 @@ def _values(s: MessageState, last_seq: int) -> tuple[object, ...]:
     return (s.sid, s.ref, s.to, s.from_, s.messaging_service_sid, s.body, s.body_sha256,
             s.status, s.error_code, _json_list(s.terminals), _json_list(s.flags),
             s.created_at, s.updated_at, s.sent_at, s.polls, s.next_poll_at, poll_from(s),
-            last_seq)
+            last_seq, s.direction, s.in_reply_to, s.received_at,
+            json.dumps([m.as_json() for m in s.media]) if s.media else None,
+            media_due(s.media, s.created_at, s.sid))
 
 
 def _json_list(values: frozenset[str]) -> str:

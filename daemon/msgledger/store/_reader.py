@@ -38,6 +38,10 @@ class _MessageRow(NamedTuple):
     polls: int
     next_poll_at: str | None
     poll_from: str | None
+    direction: str | None
+    in_reply_to: str | None
+    received_at: str | None
+    media: str | None
 
 
 class _HistoryRow(NamedTuple):
@@ -66,8 +70,22 @@ def _record(row: _MessageRow) -> Record:
         # The next poll, while there is one: the poller is done with a final or
         # `unconfirmed` message, whatever time its last answer set.
         "polls": row.polls, "next_poll_at": row.next_poll_at if row.poll_from else None,
+        "direction": row.direction, "in_reply_to": row.in_reply_to,
+        "received_at": row.received_at, "media": _media(row.media),
         "history": [],
     }
+
+
+# What the record shows of each media file: the fetcher's bookkeeping (retry time) stays in
+# the history.
+_MEDIA_SHOWN = ("n", "url", "content_type", "state", "size", "sha256", "kept", "attempts",
+                "error")
+
+
+def _media(raw: str | None) -> list[dict[str, Any]]:
+    return [{key: item.get(key) for key in _MEDIA_SHOWN} for item in json.loads(raw)
+            ] if raw else []
+
 
 
 def _history_entry(row: _HistoryRow) -> dict[str, Any]:

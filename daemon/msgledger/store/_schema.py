@@ -6,7 +6,10 @@ WAL with synchronous=FULL: a COMMIT returns only once the WAL is fsynced.
 
 Schema versions: 1 had no poll schedule; 2 adds `polls`, `next_poll_at` and `poll_from` to
 `messages`, and the poller's indexes; 3 adds the reconciler's indexes (a day's messages,
-and its runs in the journal). The writer upgrades an older store when it opens it
+and its runs in the journal); 4 adds both sides of a conversation: `direction`,
+`in_reply_to`, `received_at`, the media list and when the fetcher is due (`media_due`), and
+`media_files`, the media bytes kept beside the journal, where a purge can erase them. The
+writer upgrades an older store when it opens it
 (`upgrade`), in one transaction; readers read only the current version.
 """
 
@@ -21,7 +24,7 @@ from typing import NamedTuple
 from ._file import StoreError
 from ._fold import MessageState, poll_from
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 UPGRADABLE = 1  # the oldest version the writer upgrades in place
 GENESIS_HASH = "0" * 64  # the `prev_hash` of sequence number 1
 BUSY_TIMEOUT_MS = 5000  # a checkpoint or an exporter may hold a lock briefly
@@ -55,7 +58,8 @@ JOURNAL_COLUMNS = ", ".join(JournalRow._fields)
 # The columns of `messages` after `id`, in the order the projector writes them.
 MESSAGE_COLUMNS = ("sid", "ref", "to_number", "from_number", "messaging_service_sid", "body",
                    "body_sha256", "status", "error_code", "terminals", "flags", "created_at",
-                   "updated_at", "sent_at", "polls", "next_poll_at", "poll_from", "last_seq")
+                   "updated_at", "sent_at", "polls", "next_poll_at", "poll_from", "last_seq",
+                   "direction", "in_reply_to", "received_at", "media", "media_due")
 
 
 # The poller's two work lists, holding only messages it may poll (`poll_from` is set: a
@@ -77,6 +81,26 @@ RUN_KINDS_SQL = "kind IN ('reconcile_started', 'reconcile_export_job', 'reconcil
 RECONCILE_INDEXES = f"""
 CREATE INDEX IF NOT EXISTS messages_by_day ON messages ({DAY_OF});
 CREATE INDEX IF NOT EXISTS journal_runs ON journal (seq) WHERE {RUN_KINDS_SQL};
+"""
+
+# Version 4's: the messages that answer one (a reply links to what it answers), the media
+# fetcher's work list, and the kept media files, one row per file of a message.
+CONVERSATION_COLUMNS = ("direction TEXT", "in_reply_to TEXT", "received_at TEXT", "media TEXT",
+                        "media_due TEXT")
+CONVERSATION_TABLES = """
+CREATE INDEX IF NOT EXISTS messages_in_reply_to ON messages (in_reply_to)
+    WHERE in_reply_to IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_media_due ON messages (media_due)
+    WHERE media_due IS NOT NULL;
+CREATE TABLE IF NOT EXISTS media_files (
+    sid          TEXT NOT NULL,
+    n            INTEGER NOT NULL,
+    content_type TEXT,
+    sha256       TEXT NOT NULL,
+    bytes        BLOB NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (sid, n)
+);
 """
 
 
@@ -119,12 +143,18 @@ CREATE TABLE IF NOT EXISTS messages (
     polls                 INTEGER NOT NULL DEFAULT 0,
     next_poll_at          TEXT,
     poll_from             TEXT,
-    last_seq              INTEGER NOT NULL
+    last_seq              INTEGER NOT NULL,
+    direction             TEXT,
+    in_reply_to           TEXT,
+    received_at           TEXT,
+    media                 TEXT,
+    media_due             TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_status ON messages (status, sent_at);
 CREATE INDEX IF NOT EXISTS messages_by_created ON messages (created_at);
 {POLL_INDEXES}
 {RECONCILE_INDEXES}
+{CONVERSATION_TABLES}
 CREATE TABLE IF NOT EXISTS message_events (
     seq        INTEGER PRIMARY KEY,
     message_id INTEGER NOT NULL
@@ -226,7 +256,10 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
     try:
         if version < 2:
             _add_poll_schedule(conn)
-        _run_statements(conn, RECONCILE_INDEXES)  # version 2 to 3
+        if version < 3:
+            _run_statements(conn, RECONCILE_INDEXES)
+        if version < 4:
+            _add_conversations(conn)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                      (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
@@ -245,6 +278,31 @@ def _add_poll_schedule(conn: sqlite3.Connection) -> None:
                      [(due, message_id) for message_id, *state in rows
                       if (due := _poll_from_row(*state)) is not None])
     _run_statements(conn, POLL_INDEXES)
+
+
+# The fold's direction (`_fold._direction`) for a stored message: the first of its events
+# that states one, by its data's `direction` (a reconciled row: Twilio's) or by its kind.
+_FIRST_DIRECTION = """
+UPDATE messages SET direction = (
+    SELECT CASE WHEN json_type(j.data, '$.direction') = 'text'
+                     AND json_extract(j.data, '$.direction') != ''
+                THEN json_extract(j.data, '$.direction') ELSE 'outbound-api' END
+    FROM message_events e JOIN journal j ON j.seq = e.seq
+    WHERE e.message_id = messages.id AND (
+        (json_type(j.data, '$.direction') = 'text' AND json_extract(j.data, '$.direction') != '')
+        OR j.kind IN ('send_requested', 'send_accepted', 'send_rejected', 'send_unknown',
+                      'register'))
+    ORDER BY e.seq LIMIT 1)
+"""
+
+
+def _add_conversations(conn: sqlite3.Connection) -> None:
+    """Version 3 to 4: the new columns, with each message's direction as a replay would
+    fold it (no version-3 store holds an inbound message or media)."""
+    for column in CONVERSATION_COLUMNS:
+        conn.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    conn.execute(_FIRST_DIRECTION)
+    _run_statements(conn, CONVERSATION_TABLES)
 
 
 def _run_statements(conn: sqlite3.Connection, script: str) -> None:

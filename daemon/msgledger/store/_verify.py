@@ -14,6 +14,8 @@ the journal is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -139,7 +141,26 @@ def _compare(stored: sqlite3.Connection, replay: sqlite3.Connection, events: int
             seq, _message_id = mine or theirs or (0, 0)
             return VerifyResult(False, events, messages, int(str(seq)),
                                 "event-to-message links differ from the replay")
+    bad_file = _media_problem(stored)
+    if bad_file is not None:
+        return VerifyResult(False, events, messages, bad_file[0], bad_file[1])
     return VerifyResult(True, events, messages)
+
+
+# Each kept media file beside the `media_archived` row that journaled its hash.
+_MEDIA_FILES = ("SELECT f.seq, f.sid, f.n, f.sha256, f.bytes, j.kind, j.sid, j.data"
+                " FROM media_files f LEFT JOIN journal j ON j.seq = f.seq ORDER BY f.seq")
+
+
+def _media_problem(stored: sqlite3.Connection) -> tuple[int, str] | None:
+    """The first kept media file whose bytes are not the ones its journal row hashed."""
+    for seq, sid, n, sha256, blob, kind, journaled_sid, data in stored.execute(_MEDIA_FILES):
+        archived = json.loads(data) if kind == "media_archived" else {}
+        if (journaled_sid, archived.get("n"), archived.get("sha256")) != (sid, n, sha256):
+            return int(seq), f"media file {n} of {sid} has no journal row that archived it"
+        if hashlib.sha256(bytes(blob)).hexdigest() != sha256:
+            return int(seq), f"media file {n} of {sid} does not match its journaled SHA-256"
+    return None
 
 
 def _pairs(a: Iterator[tuple[object, ...]],

@@ -28,6 +28,9 @@ from ._schema import GENESIS_HASH, JOURNAL_COLUMNS, JournalRow, connect, prepare
 TAIL_CHECK_ROWS = 1000  # rows re-hashed at start: catches a torn or edited tail cheaply
 JOURNAL_INTO = f"INSERT INTO journal ({JOURNAL_COLUMNS})"
 INSERT_JOURNAL = f"{JOURNAL_INTO} VALUES ({', '.join('?' * len(JournalRow._fields))})"
+# A file fetched twice (a restart mid-fetch) keeps the first copy, as the record does.
+INSERT_MEDIA = ("INSERT OR IGNORE INTO media_files (sid, n, content_type, sha256, bytes, seq)"
+                " VALUES (?, ?, ?, ?, ?, ?)")
 
 
 class ChainBroken(Exception):
@@ -111,6 +114,7 @@ class JournalWriter:
             for event, row in zip(events, rows, strict=True):
                 self._projector.apply(event, row.seq)
             self._projector.flush()
+            self._store_media(events, rows)
             self._conn.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -119,6 +123,14 @@ class JournalWriter:
         self._tail = Tail(rows[-1].seq, rows[-1].hash) if rows else self._tail
         self._check_names()
         return [row.seq for row in rows]
+
+    def _store_media(self, events: Sequence[Event], rows: Sequence[JournalRow]) -> None:
+        """The bytes that ride with `media_archived` events, beside their rows."""
+        files = [(e.sid, e.data["n"], e.data.get("content_type"), e.data["sha256"], e.blob,
+                  row.seq) for e, row in zip(events, rows, strict=True)
+                 if e.blob is not None and e.kind == "media_archived"]
+        if files:
+            self._conn.executemany(INSERT_MEDIA, files)
 
     def _check_names(self) -> None:
         """StoreLost unless the store's names still lead to the files this writer holds."""
