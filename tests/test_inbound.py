@@ -166,6 +166,8 @@ async def test_media_that_cannot_be_trusted_is_journaled_and_flagged(ledger: Led
     "https://api.twilio.com/2010-04-01/Accounts/{account}/Messages/{sid}/Media/ME{hex}?x=1",
     "https://user:pw@api.twilio.com/2010-04-01/Accounts/{account}/Messages/{sid}/Media/ME{hex}",
     "https://api.twilio.com/2010-04-01/Accounts/{account}/Messages/{sid}/Media/../../x",
+    "https://[::1/2010-04-01/Accounts/{account}/Messages/{sid}/Media/ME{hex}",  # not a URL
+    "https://api.twilio.com:99999/2010-04-01/Accounts/{account}/Messages/{sid}/Media/ME{hex}",
 ])
 async def test_media_urls_off_the_message_path_are_refused(tmp_path: Path, url: str) -> None:
     sid = new_sid()
@@ -192,7 +194,7 @@ async def test_keep_body_hash_keeps_no_body(tmp_path: Path) -> None:
 
 TWO_REPLIES = b"""<?xml version="1.0" encoding="UTF-8"?>
 <Response>
-  <Message>Order received.</Message>
+  <Message method="GET">Order received.</Message>
   <Message to="+15558670000" action="https://app.example/status"><Body>Desk: a client wrote</Body></Message>
 </Response>"""  # noqa: E501
 
@@ -213,6 +215,7 @@ async def test_the_app_answer_goes_to_twilio_and_its_replies_to_the_record(
         nursery.cancel_scope.cancel()
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/")
     assert b'action="https://app.example/status"' in response.content
+    assert response.content.count(b'method="POST"') == 1  # ours: /twilio/status takes POST
     [forwarded] = app.requests
     assert ("Extra", "x") in forwarded.form
     assert RequestValidator(AUTH_TOKEN).validate(

@@ -119,6 +119,7 @@ async def test_keep_media_hash_keeps_no_bytes_and_the_cap_truncates(tmp_path: Pa
                                                headers=BEARER)
     big, small = record["media"]
     assert (big["state"], big["kept"]) == ("truncated", False)
+    assert "media_truncated" in record["flags"]
     assert 1000 < big["size"] <= len(PNG)
     assert (small["state"], small["kept"], small["size"]) == ("archived", False, 5)
     assert small["sha256"] == hashlib.sha256(b"small").hexdigest()
@@ -316,6 +317,16 @@ async def test_outbound_media_is_kept_from_twilios_copy(tmp_path: Path) -> None:
     assert record["history"][0]["data"]["media_url"] == urls
     assert served.content == twilio_copy.data
     assert served.headers["content-type"] == twilio_copy.content_type
+
+
+async def test_outbound_media_is_not_fetched_with_keep_media_none(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with scene(tmp_path, MSGLEDGER_STORE_KEEP_MEDIA="none") as s:
+            sent = await s.ledger.client.post("/v1/messages", headers=BEARER, json={
+                "to": CLIENT, "from": FIRM, "media_url": ["https://files.example/a.png"]})
+            record = await s.record(sent.json()["sid"])
+    assert [m["state"] for m in record["media"]] == ["unfetched"]
+    assert s.sim.stats.media_fetches == 0
 
 
 async def test_bad_media_urls_are_refused_before_anything_is_sent(tmp_path: Path) -> None:

@@ -287,15 +287,25 @@ def test_credentials_in_forward_url_are_refused_unprinted(tmp_path: Path) -> Non
     assert message.startswith("inbound.forward_url:") and "s3cret" not in message
 
 
+def test_forwarding_must_fit_in_twilios_fifteen_seconds() -> None:
+    message = config_error(None, {**TOKEN, "MSGLEDGER_INBOUND_FORWARD_URL": "https://app/sms",
+                                  "MSGLEDGER_INBOUND_FORWARD_TIMEOUT": "10s"})
+    assert message.startswith("inbound.forward_timeout: at most 9s with http.ack_timeout 5s")
+    fits = settings.load(None, environ={**TOKEN, "MSGLEDGER_HTTP_ACK_TIMEOUT": "2s",
+                                        "MSGLEDGER_INBOUND_FORWARD_URL": "https://app/sms",
+                                        "MSGLEDGER_INBOUND_FORWARD_TIMEOUT": "11s"})
+    assert fits.inbound_forward_timeout == 11.0
+
+
 def test_the_inbound_keys_default_and_parse(tmp_path: Path) -> None:
     defaults = settings.load(None, environ=TOKEN)
     assert (defaults.inbound_forward_url, defaults.inbound_forward_timeout) == (None, 8.0)
     assert (defaults.store_keep_media, defaults.store_max_media_bytes) == ("full", 5242880)
     given = settings.load(None, environ={
         **TOKEN, "MSGLEDGER_INBOUND_FORWARD_URL": "https://app.internal:8443/sms?desk=2",
-        "MSGLEDGER_INBOUND_FORWARD_TIMEOUT": "14s", "MSGLEDGER_STORE_KEEP_MEDIA": "hash"})
+        "MSGLEDGER_INBOUND_FORWARD_TIMEOUT": "9s", "MSGLEDGER_STORE_KEEP_MEDIA": "hash"})
     assert given.inbound_forward_url == "https://app.internal:8443/sms?desk=2"
-    assert (given.inbound_forward_timeout, given.store_keep_media) == (14.0, "hash")
+    assert (given.inbound_forward_timeout, given.store_keep_media) == (9.0, "hash")
 
 
 def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:

@@ -70,6 +70,8 @@ def configure(level: str = "info") -> None:
     root.setLevel(max(numeric, logging.INFO))  # third-party debug chatter stays out
     # twilio logs every request's headers at INFO; the sender logs one line per send.
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)
+    # httpx (the media fetcher, the forward to the firm's app) one per request: ours say more.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

@@ -49,10 +49,11 @@ class Sender:
     """Sends one message at a time per caller; the Twilio client bounds the concurrency."""
 
     def __init__(self, journal: JournalClient, api: TwilioApi | None, *, keep_body: str,
-                 public_url: Callable[[], str]) -> None:
+                 public_url: Callable[[], str], keep_media: str = "full") -> None:
         self._journal_client = journal
         self._api = api
         self._keep_body = keep_body
+        self._keep_media = keep_media
         self._public_url = public_url
         self._in_flight: set[str] = set()  # refs being sent right now
 
@@ -105,7 +106,8 @@ class Sender:
         return {"to": request.to, "from": request.from_,
                 "messaging_service_sid": request.messaging_service_sid,
                 "status_callback": self.status_callback(request.ref),
-                **body_fields(request.body, self._keep_body), **media_fields(request.media_urls)}
+                **body_fields(request.body, self._keep_body),
+                **media_fields(request.media_urls, self._keep_media)}
 
     def _create_params(self, request: SendRequest) -> dict[str, Any]:
         params: dict[str, Any] = {"to": request.to, "body": request.body,
@@ -129,13 +131,15 @@ def status_callback_url(public_url: str, ref: str) -> str:
     return f"{public_url}/twilio/status?ref={quote(ref, safe='')}#{CALLBACK_OVERRIDES}"
 
 
-def media_fields(urls: tuple[str, ...] | list[str]) -> dict[str, Any]:
+def media_fields(urls: tuple[str, ...] | list[str], keep_media: str) -> dict[str, Any]:
     """A send's media as journaled: the URLs given, and each file pending for the media
-    fetcher, which takes it from Twilio's copy once the message has a SID."""
+    fetcher, which takes it from Twilio's copy once the message has a SID (`unfetched`
+    with `store.keep_media = none`: no fetcher runs)."""
     if not urls:
         return {}
+    state = "unfetched" if keep_media == "none" else "pending"
     return {"media_url": list(urls),
-            "media": [{"n": n, "url": url, "state": "pending"} for n, url in enumerate(urls)]}
+            "media": [{"n": n, "url": url, "state": state} for n, url in enumerate(urls)]}
 
 
 def body_fields(body: str, keep_body: str) -> dict[str, Any]:

@@ -240,6 +240,8 @@ def parse_forward_url(raw: object) -> str:
 
 
 MAX_FORWARD_SECONDS = 14.0  # Twilio waits 15 s for the whole answer, connection included
+TWILIO_WAITS = 15.0  # seconds Twilio waits for the answer to an inbound webhook
+INBOUND_ANSWER_SLACK = 1.0  # the replies' journaling (inbound/answer.py), and the network
 
 
 def parse_forward_timeout(raw: object) -> float:
@@ -422,6 +424,13 @@ def _build(p: Mapping[str, Any], require_secrets: bool) -> Settings:
     if p["poller.give_up_after"] < p["poller.overdue_after"]:
         raise ConfigError("poller.give_up_after: must be at least poller.overdue_after (a"
                           " message is given up on only after it was polled)")
+    inbound_s = p["http.ack_timeout"] + p["inbound.forward_timeout"] + INBOUND_ANSWER_SLACK
+    if p["inbound.forward_url"] is not None and inbound_s > TWILIO_WAITS:
+        most = TWILIO_WAITS - INBOUND_ANSWER_SLACK - p["http.ack_timeout"]
+        raise ConfigError(
+            f"inbound.forward_timeout: at most {max(most, 0):g}s with http.ack_timeout"
+            f" {p['http.ack_timeout']:g}s: journaling, forwarding and the replies' second must"
+            f" fit in the {TWILIO_WAITS:g} s Twilio waits for its answer")
     sid = p["twilio.account_sid"]
     if sid is not None and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"twilio.account_sid: expected AC followed by 32 hex digits, got {sid!r}")

@@ -97,7 +97,7 @@ class WebhookReceiver:
         self.max_body = max_body
         self.metrics = metrics
         self.clients = clients or ClientResolver(())  # no proxies trusted: the peer
-        self.inbound = inbound  # None: /twilio/inbound is not served (400 for its events)
+        self.inbound = inbound  # webhook_receiver always gives one; a bare receiver lacks it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = ROUTES[scope["path"]]
@@ -202,6 +202,7 @@ def webhook_receiver(settings: Settings, journal: JournalClient, *, state: Serve
     app = None if settings.inbound_forward_url is None else FirmApp(
         settings.inbound_forward_url, settings.inbound_forward_timeout, checker)
     answer = InboundAnswer(app, journal, keep_body=settings.store_keep_body,
+                           keep_media=settings.store_keep_media,
                            public_url=lambda: str(state.public_url), metrics=metrics)
     rules = ReceiptRules(settings.store_keep_body, settings.store_keep_media,
                          settings.twilio_api_base_url)

@@ -33,11 +33,12 @@ REPLIES_JOURNAL_WAIT = 1.0
 class InboundAnswer:
     """Answers Twilio for the inbound messages one receiver journals."""
 
-    def __init__(self, app: FirmApp | None, journal: JournalClient, *,
-                 keep_body: str, public_url: Callable[[], str], metrics: Metrics) -> None:
+    def __init__(self, app: FirmApp | None, journal: JournalClient, *, keep_body: str,
+                 keep_media: str, public_url: Callable[[], str], metrics: Metrics) -> None:
         self._app = app
         self._journal = journal
         self._keep_body = keep_body
+        self._keep_media = keep_media
         self._public_url = public_url  # known once the listener is bound
         self._metrics = metrics
 
@@ -71,19 +72,19 @@ class InboundAnswer:
     async def _failed(self, event: Event, reason: str) -> None:
         self._metrics.inbound_forwards.labels("failed").inc()
         log.warning("inbound_forward_failed", sid=event.sid, reason=reason,
-                    forward_url=self._app.url if self._app else None)
+                    forward_url=self._app.shown_url if self._app else None)
         failed = Event("inbound_forward_failed", "inbound", utc_now(), sid=event.sid,
                        data={"reason": reason})
         await self._journal_briefly(event, [failed])
 
     async def _journal_briefly(self, inbound: Event, events: list[Event]) -> None:
         """Hand `events` to the journal and wait for them at most REPLIES_JOURNAL_WAIT."""
-        waits = [await self._journal.enqueue(e) for e in events]
         acks: list[Ack] = []
-        with trio.move_on_after(REPLIES_JOURNAL_WAIT):
+        with trio.move_on_after(REPLIES_JOURNAL_WAIT):  # a full intake waits here too
+            waits = [await self._journal.enqueue(e) for e in events]
             for wait in waits:
                 acks.append(await wait.wait())
-        if len(acks) < len(waits) or not all(isinstance(ack, int) for ack in acks):
+        if len(acks) < len(events) or not all(isinstance(ack, int) for ack in acks):
             log.warning("inbound_answer_not_durable_yet", sid=inbound.sid,
                         kinds=[e.kind for e in events], refs=[e.ref for e in events if e.ref])
 
@@ -94,6 +95,6 @@ class InboundAnswer:
             "from": reply.from_, **body_fields(reply.body, self._keep_body)}
         if reply.reports_here:
             data["status_callback"] = self._action_url(reply.ref)
-        data.update(media_fields(reply.media_urls))
+        data.update(media_fields(reply.media_urls, self._keep_media))
         return Event("send_requested", "inbound", utc_now(), ref=reply.ref,
                      status="requested", data=data)

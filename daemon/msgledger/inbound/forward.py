@@ -29,6 +29,7 @@ class FirmApp:
 
     def __init__(self, url: str, timeout: float, signer: SignatureChecker) -> None:
         self.url = url
+        self.shown_url = url.split("?", 1)[0]  # as logged: a query may hold a key of the app's
         self.timeout = timeout
         self._signer = signer
         self._client: httpx.AsyncClient | None = None  # made in the first request's task

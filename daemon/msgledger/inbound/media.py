@@ -36,6 +36,7 @@ from ..metrics import Metrics
 from ..poller import Clock
 from ..store_reads import StoreReads, StoreUnreadable
 from ..twilio_api import MediaListUnavailable
+from .receipt import is_own_media, origin
 
 log = get_logger("msgledger.media")
 
@@ -44,6 +45,10 @@ log = get_logger("msgledger.media")
 BACKOFF = (10.0, 60.0, 300.0, 1800.0, 3 * 3600.0, 8 * 3600.0)
 MAX_REDIRECTS = 3
 PAGE = 50  # messages read per pass
+BUSY_WAITS = 8  # producers waiting on the journal at once: webhooks are queueing
+PAUSE = 0.1  # seconds between passes while there is work: batches the store's reads
+NOT_JOURNALED_PAUSE = 30.0  # seconds before a file whose outcome was not journaled is retried
+MEDIA_TRUNCATED = "media_truncated"  # the record's flag: a file over store.max_media_bytes
 _ACCOUNT = re.compile(r"/Accounts/(AC[0-9a-fA-F]{32})/")  # whose credentials a URL takes
 
 
@@ -63,6 +68,7 @@ class Fetched:
 
 # An outbound message's media at Twilio: the URLs of its Media list, in its order.
 ListMedia = Callable[[str], Awaitable[list[str]]]
+Busy = Callable[[], bool]  # whether webhooks are waiting on the journal right now
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class MediaConfig:
     max_bytes: int  # store.max_media_bytes
     api_base_url: str  # twilio.api_base_url: where an outbound message's media list is
     interval: float = 1.0  # seconds between reads of the work list
-    concurrency: int = 4  # files fetched at once
+    concurrency: int = 16  # files fetched at once: each waits on two network hops
     timeout: float = 60.0  # seconds a file may take, redirects included
     backoff: tuple[float, ...] = BACKOFF
 
@@ -84,6 +90,7 @@ class MediaDeps:
     metrics: Metrics
     clock: Clock
     list_media: ListMedia | None  # None: no REST credentials, outbound media stays pending
+    busy: Busy  # the journal is taken by webhooks: no fetch starts
 
 
 async def run_media_fetcher(stop: trio.Event, *, config: MediaConfig, deps: MediaDeps,
@@ -107,21 +114,38 @@ class _Fetcher:
         self.http: httpx.AsyncClient | None = None
         self._limiter = trio.CapacityLimiter(config.concurrency)
         self._in_flight: set[tuple[str, int]] = set()
+        self._origin = origin(config.api_base_url)
+        # Files fetched whose outcome the journal did not take: not fetched again before
+        # this Trio time, so a failing journal does not bring a download every pass.
+        self._not_before: dict[tuple[str, int], float] = {}
 
     async def run(self, nursery: trio.Nursery) -> None:
+        """Pass after pass: start the due files not in flight, then pause briefly while
+        there is work, a whole `interval` when there is none. While webhooks queue on the
+        journal (`busy`) no fetch starts: their answers are due within seconds, a file's
+        within hours, and the backlog drains once the burst is over."""
         while True:
-            try:
-                work = await self.deps.reads.run(store.due_media, iso_utc(self.deps.clock()),
-                                                 PAGE)
-            except StoreUnreadable as error:
-                log.error("media_store_unreadable", error=str(error))
-                work = []
-            for message in work:
-                for item in message.due:
-                    if (message.sid, item.n) not in self._in_flight:
-                        self._in_flight.add((message.sid, item.n))
-                        nursery.start_soon(self._fetch_one, message, item)
-            await trio.sleep(self.config.interval)
+            started = 0 if self.deps.busy() else self._start(await self._due(), nursery)
+            await trio.sleep(PAUSE if started or self._in_flight else self.config.interval)
+
+    async def _due(self) -> list[store.MediaWork]:
+        try:
+            return await self.deps.reads.run(store.due_media, iso_utc(self.deps.clock()), PAGE)
+        except StoreUnreadable as error:
+            log.error("media_store_unreadable", error=str(error))
+            return []
+
+    def _start(self, work: list[store.MediaWork], nursery: trio.Nursery) -> int:
+        started, now = 0, trio.current_time()
+        for message in work:
+            for item in message.due:
+                key = (message.sid, item.n)
+                if key not in self._in_flight and self._not_before.get(key, 0) <= now:
+                    self._not_before.pop(key, None)
+                    self._in_flight.add(key)
+                    nursery.start_soon(self._fetch_one, message, item)
+                    started += 1
+        return started
 
     async def _fetch_one(self, message: store.MediaWork, item: store.MediaItem) -> None:
         try:
@@ -129,12 +153,15 @@ class _Fetcher:
                 try:
                     fetched = await self._fetch(message, item)
                 except FetchFailed as failure:
-                    await self._failed(message.sid, item, str(failure))
+                    journaled = await self._failed(message.sid, item, str(failure))
                 except Exception as error:  # one file's surprise, not the fetcher's end
                     log.exception("media_fetch_error", sid=message.sid, n=item.n)
-                    await self._failed(message.sid, item, f"{type(error).__name__}: {error}"[:300])
+                    journaled = await self._failed(message.sid, item,
+                                                   f"{type(error).__name__}: {error}"[:300])
                 else:
-                    await self._archived(message.sid, item, fetched)
+                    journaled = await self._archived(message.sid, item, fetched)
+            if not journaled:
+                self._not_before[(message.sid, item.n)] = trio.current_time() + NOT_JOURNALED_PAUSE
         finally:
             self._in_flight.discard((message.sid, item.n))
 
@@ -144,7 +171,7 @@ class _Fetcher:
             raise FetchFailed("no URL to fetch it from")
         with trio.move_on_after(self.config.timeout):
             try:
-                return await self._download(url)
+                return await self._download(url, message.sid)
             except httpx.HTTPError as error:
                 raise FetchFailed(f"{type(error).__name__}: {error}"[:300]) from None
         raise FetchFailed(f"not fetched within {self.config.timeout:g}s")
@@ -161,12 +188,14 @@ class _Fetcher:
             raise FetchFailed(f"Twilio lists {len(urls)} media for the message")
         return urls[item.n]
 
-    async def _download(self, url: str) -> Fetched:
-        """The file at Twilio's `url`: credentials to it, none to where it redirects."""
+    async def _download(self, url: str, sid: str) -> Fetched:
+        """The file at Twilio's `url`: credentials to it, none to where it redirects. Checked
+        again here, whatever the receipt said: the credentials go only to message `sid`'s own
+        media at `twilio.api_base_url` as it is configured now."""
         assert self.http is not None
         account = _ACCOUNT.search(url)
-        if account is None:
-            raise FetchFailed("not a Twilio media URL")
+        if account is None or not is_own_media(url, self._origin, account[1], sid):
+            raise FetchFailed(f"not this message's media at {self._origin}")
         auth: tuple[str, str] | None = (account[1], self.deps.auth_token)
         target = url
         for _ in range(MAX_REDIRECTS + 1):
@@ -192,19 +221,24 @@ class _Fetcher:
         return Fetched(response.headers.get("content-type"), size, digest.hexdigest(),
                        truncated, b"".join(chunks) if keep else None, url)
 
-    async def _archived(self, sid: str, item: store.MediaItem, fetched: Fetched) -> None:
-        data = {"n": item.n, "url": fetched.url, "content_type": fetched.content_type,
-                "size": fetched.size, "sha256": fetched.sha256, "kept": fetched.blob is not None,
-                "truncated": fetched.truncated}
+    async def _archived(self, sid: str, item: store.MediaItem, fetched: Fetched) -> bool:
+        data: dict[str, object] = {
+            "n": item.n, "url": fetched.url, "content_type": fetched.content_type,
+            "size": fetched.size, "sha256": fetched.sha256, "kept": fetched.blob is not None,
+            "truncated": fetched.truncated}
+        if fetched.truncated:
+            data["flags"] = [MEDIA_TRUNCATED]  # on the record: a file it holds only in part
         event = Event("media_archived", "media", iso_utc(self.deps.clock()), sid=sid, data=data,
                       blob=fetched.blob)
         outcome = "truncated" if fetched.truncated else "archived"
-        if await self._journal(event):
-            self.deps.metrics.media_fetches.labels(outcome).inc()
-            log.info("media_" + outcome, sid=sid, n=item.n, size=fetched.size,
-                     content_type=fetched.content_type)
+        if not await self._journal(event):
+            return False
+        self.deps.metrics.media_fetches.labels(outcome).inc()
+        log.info("media_" + outcome, sid=sid, n=item.n, size=fetched.size,
+                 content_type=fetched.content_type)
+        return True
 
-    async def _failed(self, sid: str, item: store.MediaItem, reason: str) -> None:
+    async def _failed(self, sid: str, item: store.MediaItem, reason: str) -> bool:
         now = self.deps.clock()
         attempt = item.attempts + 1
         delay = self.config.backoff[item.attempts] if item.attempts < len(
@@ -213,10 +247,12 @@ class _Fetcher:
         event = Event("media_failed", "media", iso_utc(now), sid=sid, data={
             "n": item.n, "url": item.url, "error": reason, "attempt": attempt,
             "retry_at": retry_at})
-        if await self._journal(event):
-            self.deps.metrics.media_fetches.labels("failed" if retry_at else "gave_up").inc()
-            log.warning("media_failed", sid=sid, n=item.n, error=reason, attempt=attempt,
-                        retry_at=retry_at)
+        if not await self._journal(event):
+            return False
+        self.deps.metrics.media_fetches.labels("failed" if retry_at else "gave_up").inc()
+        log.warning("media_failed", sid=sid, n=item.n, error=reason, attempt=attempt,
+                    retry_at=retry_at)
+        return True
 
     async def _journal(self, event: Event) -> bool:
         ack = await self.deps.journal.journal(event)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +36,10 @@ class ReceiptRules:
     keep_body: str  # store.keep_body
     keep_media: str  # store.keep_media
     api_base_url: str  # twilio.api_base_url: the only origin media is fetched from
+    api_origin: str = field(init=False)  # the same, as `origin` spells it: made once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_origin", origin(self.api_base_url))
 
 
 def inbound_event(pairs: Sequence[tuple[str, str]], form: Mapping[str, str],
@@ -75,16 +79,19 @@ def _body_fields(body: str | None, keep_body: str) -> dict[str, Any]:
 def _declared_media(pairs: Sequence[tuple[str, str]], form: Mapping[str, str],
                     rules: ReceiptRules, flags: set[str]) -> list[dict[str, Any]]:
     """Each `MediaUrl{N}` with its state: pending (to fetch), refused or unfetched."""
-    urls = {int(m[1]): value for name, value in pairs if (m := MEDIA_URL.fullmatch(name))}
+    urls = {int(m[1]): value for name, value in pairs
+            if name.startswith("MediaUrl") and (m := MEDIA_URL.fullmatch(name))}
     count = form.get("NumMedia", "0")
+    if not urls and count in ("", "0"):
+        return []  # an SMS: nothing to check
     agreed = count.isdigit() and count.isascii() and sorted(urls) == list(range(int(count)))
     if not agreed and (urls or count not in ("", "0")):
         flags.add(MEDIA_MISMATCH)
-    prefix = _media_prefix(rules.api_base_url, form)
     declared = []
     for n in sorted(urls):
         url = urls[n]
-        allowed = agreed and prefix is not None and _is_own_media(url, prefix)
+        allowed = agreed and is_own_media(url, rules.api_origin, form.get("AccountSid", ""),
+                                          form.get("MessageSid", ""))
         if agreed and not allowed:
             flags.add(MEDIA_URL_REFUSED)
         state = (media_states.REFUSED if not allowed else
@@ -94,31 +101,31 @@ def _declared_media(pairs: Sequence[tuple[str, str]], form: Mapping[str, str],
     return declared
 
 
-def _media_prefix(api_base_url: str, form: Mapping[str, str]) -> str | None:
-    """Where this message's media live at Twilio; None when its SIDs are not Twilio's."""
-    account, message = form.get("AccountSid", ""), form.get("MessageSid", "")
+def is_own_media(url: str, api_origin: str, account: str, message: str) -> bool:
+    """`url` is message `message`'s media at Twilio (`api_origin`, as `origin` spells it),
+    account `account`, plus a media SID, and nothing more: no query, no `..`, no user, no
+    other host, scheme or port. The credentials go with the request."""
     if not (ACCOUNT_SID.fullmatch(account) and MESSAGE_SID.fullmatch(message)):
-        return None
-    return f"{_origin(api_base_url)}/2010-04-01/Accounts/{account}/Messages/{message}/Media/"
-
-
-def _is_own_media(url: str, prefix: str) -> bool:
-    """`url` is `prefix` plus a media SID, nothing more (no query, no `..`, no other host:
-    the credentials go with the request)."""
-    parts = urlsplit(url)
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "https://[::1/x": not a URL at all
+        return False
     if parts.query or parts.fragment or "@" in parts.netloc:
         return False
-    base = f"{_origin(f'{parts.scheme}://{parts.netloc}')}{parts.path}"
+    prefix = f"{api_origin}/2010-04-01/Accounts/{account}/Messages/{message}/Media/"
+    base = f"{origin(f'{parts.scheme}://{parts.netloc}')}{parts.path}"
     return base.startswith(prefix) and MEDIA_SID.fullmatch(base[len(prefix):]) is not None
 
 
-def _origin(url: str) -> str:
-    """scheme://host[:port], lower case, without a default port."""
-    parts = urlsplit(url)
-    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
-    default = {"http": 80, "https": 443}.get(scheme)
+def origin(url: str) -> str:
+    """scheme://host[:port], lower case, without a default port ("invalid" for a host or
+    port that is no such thing)."""
     try:
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        return f"{scheme}://invalid"
+        return "invalid://"
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    default = {"http": 80, "https": 443}.get(scheme)
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")

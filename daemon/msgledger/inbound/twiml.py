@@ -62,6 +62,7 @@ def take_replies(root: ET.Element, inbound: Mapping[str, str], new_ref: Callable
         reports_here = "action" not in message.attrib and "statusCallback" not in message.attrib
         if reports_here:
             message.set("action", action_for(ref))
+            message.set("method", "POST")  # /twilio/status takes no GET (an app's `method`)
         body = message.find("Body")
         text = (body.text if body is not None else message.text) or ""
         replies.append(OutboundReply(ref, message.get("to") or inbound.get("From"),
