@@ -16,11 +16,16 @@ puts the daemon behind nginx running deploy/nginx/msgledger.conf as shipped (TLS
 same run as the daemon alone. loadgen.c speaks plain HTTP only, so a run with a proxied
 target drives every target with wrk (Debian's package) replaying the same pre-built
 requests through a Lua script, plain HTTP to the daemon and TLS to the proxy.
+
+`msgledger-inbound` (in the default targets) is the same daemon driven with signed inbound
+messages, a fifth of them MMS whose file its media fetcher GETs from loadgen's C sink
+meanwhile: its rate is compared with the status callbacks' of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -55,6 +60,7 @@ PACED_S = 10.0  # seconds of the paced run after each closed-loop run
 FLAT_RSS_GROWTH = 0.10  # "flat": RSS at 1M within 10 % of RSS at 200k (caches warm by then)
 RSS_STEPS = 10  # --million prints RSS every tenth of the run: every 100k callbacks
 PROXY_RATIO = 0.95  # issue 19: through the shipped nginx file >= 0.95 x the daemon alone
+INBOUND_RATIO = 0.9  # inbound webhooks/s >= 0.9 x status callbacks/s: media off the path
 QUIET_CORES = 0.1  # "other cores" at most this: nothing else competed during that round
 GENERATORS = ("auto", "loadgen", "wrk")
 
@@ -106,6 +112,25 @@ class Figures:
     journal: dict[str, float] = field(default_factory=dict)
     paced: dict[str, float] = field(default_factory=dict)
     rss_series: list[tuple[float, float]] = field(default_factory=list)
+    media: dict[str, int] = field(default_factory=dict)  # inbound: targets.media_counts
+
+
+@dataclass(frozen=True)
+class Loads:
+    """The pre-built request sets of a run, and the server standing in for Twilio's media."""
+
+    status: RequestSet
+    inbound: RequestSet | None = None
+    media_base: str | None = None  # the sink the inbound MMS' MediaUrl0 point at
+
+    def of(self, name: str) -> RequestSet:
+        if targets.load_of(name) == "inbound":
+            assert self.inbound is not None, "full_run builds them for an inbound target"
+            return self.inbound
+        return self.status
+
+    def sets(self) -> list[RequestSet]:
+        return [self.status] + ([self.inbound] if self.inbound else [])
 
 
 # ------------------------------------------------------------------------ set-up
@@ -384,24 +409,33 @@ def drive(target: targets.Target, reqs: RequestSet, first: int, count: int, opts
                                    duration_s=duration_s, rate=rate, tag=tag))
 
 
-def measure(name: str, mode: str, reqs: RequestSet, opts: Options, shim: Path,
+def journal_time() -> str:
+    """Now, as msgledger's journal writes times (`events.iso_utc`): ISO 8601 UTC, µs."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def measure(name: str, mode: str, loads: Loads, opts: Options, shim: Path,
             workdir: Path) -> Figures:
     """Start, warm up, drive (closed loop, then paced), stop and count one target."""
     preload = shim if mode == "slow" else None
+    inbound = targets.load_of(name) == "inbound"
+    reqs = loads.of(name)
     target = targets.start(name, workdir / mode / name, PUBLIC_URL, AUTH_TOKEN,
-                           preload=preload, delay_us=opts.delay_us)
+                           preload=preload, delay_us=opts.delay_us,
+                           twilio_api=loads.media_base if inbound else None)
     paced: Summary | None = None
     try:
         warm_s = wrk_warmup_s(opts.warmup) if opts.generator == "wrk" else max(
             10.0, opts.duration_s)
         warm = drive(target, reqs, 0, opts.warmup, opts, warm_s, f"{name}-warm")
-        before = Snapshot.take(target)
+        before, started = Snapshot.take(target), journal_time()
         with RssSampler(*target.roots()).running() as rss:
             run = drive(target, reqs, opts.warmup, opts.max_requests, opts, opts.duration_s,
                         name)
-            after = Snapshot.take(target)
+            after, ended = Snapshot.take(target), journal_time()
         if opts.generator == "loadgen":  # wrk cannot pace
             paced = drive_paced(target, reqs, opts, opts.warmup + run.requests, run)
+        drained_s = wait_for_media(target) if inbound else None
     finally:
         exit_code = targets.stop(target)
     ok_total = sum(r.ok for r in (warm, run, paced) if r is not None)
@@ -409,7 +443,24 @@ def measure(name: str, mode: str, reqs: RequestSet, opts: Options, shim: Path,
     result.ok_total, result.exit_code = ok_total, exit_code
     result.rows = targets.stored_rows(target)
     result.paced = paced_figures(paced)
+    if inbound:
+        result.media = targets.media_counts(target, (started, ended))
+        result.media["drained_ms"] = -1 if drained_s is None else round(drained_s * 1000)
     return result
+
+
+MEDIA_DRAIN_S = 120.0  # after the load: time for the fetcher to fetch every file
+
+
+def wait_for_media(target: targets.Target) -> float | None:
+    """Seconds from the load's end until the store has no file left to fetch; None if
+    files were still due after MEDIA_DRAIN_S."""
+    start = time.monotonic()
+    while time.monotonic() - start < MEDIA_DRAIN_S:
+        if targets.media_still_due(target) == 0:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    return None
 
 
 def count_ok(run: DriveResult) -> int:
@@ -534,6 +585,14 @@ def print_notes(f: Figures, rounds: list[Figures]) -> None:
     if f.reconnects is not None and f.reconnects > f.requests // 2:
         print(f"  {f.target}: {f.reconnects} connections opened for {f.requests} requests "
               "(the server closes after each response)")
+    if f.media:
+        m = f.media
+        print(f"  {f.target} media: {m['run_declared']} files received and "
+              f"{m['run_archived']} archived during the run "
+              f"({m['run_archived'] / (f.elapsed_s or 1):.0f}/s); in the journal at the end "
+              f"{m['archived']} media_archived and {m['failed']} media_failed of "
+              f"{m['declared']} files, {m['still_due']} messages still due; the last file"
+              f" fetched {m['drained_ms'] / 1000:.1f} s after the load (-0.0: never)")
     if f.journal:
         print(f"  {f.target} journal: {f.journal['commits']:.0f} commits, "
               f"{f.journal['mean_batch']:.1f} callbacks a commit, "
@@ -570,22 +629,18 @@ def evaluate_one(mode: str, name: str, ml: Figures, by_name: dict[str, Figures],
                  rounds: dict[str, list[Figures]]) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
     proxy = targets.proxy_of(name)
-    direct = name.removesuffix(f"-{proxy}") if proxy else None
-    if direct in by_name:
-        base = by_name[direct]
-        ratio = ml.durable_per_s / base.durable_per_s
-        checks.append(check(mode, f"{name} >= {PROXY_RATIO:g} x {direct}", ratio,
-                            ratio >= PROXY_RATIO, f"{ratio:.2f} x (p99 {ml.p99_ms:.0f} vs "
-                            f"{base.p99_ms:.0f} ms)"))
-        ours, theirs = quiet_rate(rounds.get(name, [])), quiet_rate(rounds.get(direct, []))
-        if len(rounds.get(name, [])) > 1 and ours and theirs:
-            quiet = ours[0] / theirs[0]
-            checks.append(check(mode, f"  (quiet rounds only, {ours[1]} and {theirs[1]})",
-                                quiet, quiet >= PROXY_RATIO,
-                                f"{quiet:.2f} x ({ours[0]:.0f} vs {theirs[0]:.0f}/s)"))
+    if targets.load_of(name) == "inbound":
+        twin = targets.status_twin(name)
+        if twin in by_name:
+            checks.extend(ratio_checks(mode, name, twin, INBOUND_RATIO, by_name, rounds))
+        checks.append(media_check(mode, name, ml))
+    elif proxy:
+        direct = name.removesuffix(f"-{proxy}")
+        if direct in by_name:
+            checks.extend(ratio_checks(mode, name, direct, PROXY_RATIO, by_name, rounds))
     for baseline, need in (("empty", EMPTY_RATIO), ("empty-w2", EMPTY_RATIO),
                            ("naive", NAIVE_RATIO[mode])):
-        if baseline in by_name:
+        if baseline in by_name and targets.load_of(name) == "status":
             ratio = ml.durable_per_s / by_name[baseline].durable_per_s
             checks.append(check(mode, f"{name} >= {need:g} x {baseline}", ratio,
                                 ratio >= need, f"{ratio:.2f} x"))
@@ -599,6 +654,36 @@ def evaluate_one(mode: str, name: str, ml: Figures, by_name: dict[str, Figures],
     checks.append(check(mode, f"{name} stored every 200", ml.rows, stored,
                         f"{ml.rows} rows / {ml.ok_total} 200s"))
     return checks
+
+
+def ratio_checks(mode: str, name: str, base_name: str, need: float,
+                 by_name: dict[str, Figures],
+                 rounds: dict[str, list[Figures]]) -> list[dict[str, Any]]:
+    """`name`'s durable/s >= need x `base_name`'s, median rounds; and over the quiet rounds
+    only, when there were several."""
+    ml, base = by_name[name], by_name[base_name]
+    ratio = ml.durable_per_s / base.durable_per_s
+    checks = [check(mode, f"{name} >= {need:g} x {base_name}", ratio, ratio >= need,
+                    f"{ratio:.2f} x (p99 {ml.p99_ms:.0f} vs {base.p99_ms:.0f} ms)")]
+    ours, theirs = quiet_rate(rounds.get(name, [])), quiet_rate(rounds.get(base_name, []))
+    if len(rounds.get(name, [])) > 1 and ours and theirs:
+        quiet = ours[0] / theirs[0]
+        checks.append(check(mode, f"  (quiet rounds only, {ours[1]} and {theirs[1]})",
+                            quiet, quiet >= need,
+                            f"{quiet:.2f} x ({ours[0]:.0f} vs {theirs[0]:.0f}/s)"))
+    return checks
+
+
+def media_check(mode: str, name: str, ml: Figures) -> dict[str, Any]:
+    """The fetcher fetched every file once the load eased (it yields to webhooks queueing
+    on the journal, so during a saturating burst it may fetch none), and none failed: the
+    inbound ratio says fetching stays off the webhook's path only if the files are fetched
+    all the same."""
+    archived, failed = ml.media.get("archived", 0), ml.media.get("failed", 0)
+    declared, drained = ml.media.get("declared", 0), ml.media.get("drained_ms", -1)
+    return check(mode, f"{name} fetched every file after", archived,
+                 drained >= 0 and failed == 0 and archived == declared,
+                 f"{archived}/{declared} in {drained / 1000:.1f} s after, {failed} failed")
 
 
 def check(mode: str, name: str, value: Any, ok: bool, shown: str) -> dict[str, Any]:
@@ -621,14 +706,22 @@ def write_json(payload: dict[str, Any], name: str) -> Path:
 # -------------------------------------------------------------------------- runs
 
 
-def header(opts: Options, reqs: RequestSet, sanity: dict[str, float],
+def header(opts: Options, loads: Loads, sanity: dict[str, float],
            ceiling: dict[str, float], workdir: Path) -> None:
+    reqs = loads.status
     print(f"msgledger ingest benchmark  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"  machine: {os.cpu_count()} cores, {platform.platform()}")
     print(f"  versions: {', '.join(f'{k} {v}' for k, v in versions().items())}")
     print(f"  stores under {workdir}: {fs_of(workdir)}")
     print(f"  requests: {reqs.count} pre-built unique signed callbacks, {reqs.mean_bytes} B "
           f"each on the wire ({reqs.mean_body_bytes} B form body)")
+    if loads.inbound is not None:
+        inbound = loads.inbound
+        print(f"  inbound targets: {inbound.count} pre-built unique signed inbound messages, "
+              f"{inbound.mean_bytes} B each on the wire ({inbound.mean_body_bytes} B form "
+              f"body), {inbound.with_media / inbound.count:.0%} MMS with one file at "
+              f"{loads.media_base} (loadgen's C sink, an empty 200: the daemon's "
+              "twilio.api_base_url), fetched by the daemon when webhooks leave it room")
     print(f"  load ({opts.generator}): {opts.conns} keep-alive connections, 1 request in "
           "flight each; "
           f"warm-up {opts.warmup} requests, then {opts.duration_s:g} s "
@@ -657,7 +750,7 @@ def header(opts: Options, reqs: RequestSet, sanity: dict[str, float],
                   "substituted), TLS from the generator")
 
 
-def run_modes(opts: Options, reqs: RequestSet, shim: Path, workdir: Path) -> dict[str, Any]:
+def run_modes(opts: Options, loads: Loads, shim: Path, workdir: Path) -> dict[str, Any]:
     results: list[Figures] = []
     checks: list[dict[str, Any]] = []
     for mode in opts.modes:
@@ -665,7 +758,7 @@ def run_modes(opts: Options, reqs: RequestSet, shim: Path, workdir: Path) -> dic
         for i in range(opts.rounds):
             for name in opts.targets:
                 print(f"  ... {mode} disk, round {i + 1}: {name}", flush=True)
-                rounds[name].append(measure(name, mode, reqs, opts, shim, workdir / f"r{i}"))
+                rounds[name].append(measure(name, mode, loads, opts, shim, workdir / f"r{i}"))
         by_name = {name: median_round(runs) for name, runs in rounds.items()}
         results.extend(f for runs in rounds.values() for f in runs)
         title = ("fast disk: this machine's fsync" if mode == "fast"
@@ -689,25 +782,47 @@ def full_run(opts: Options) -> None:
     pool = opts.warmup + opts.max_requests + (opts.max_requests // 2 if opts.paced else 0)
     reqs = loadgen.build_requests(pool, PUBLIC_URL, AUTH_TOKEN, "requests")
     ceiling = generator_ceiling(reqs, opts)
-    header(opts, reqs, sanity, ceiling, workdir)
-    if not any(targets.kind_of(t)[0] == "msgledger" for t in opts.targets):
-        print("  NOTE: msgledger not measured (not runnable or not selected): baselines only")
-    payload = run_modes(opts, reqs, shim, workdir)
+    with media_server(opts) as media_base:
+        loads = Loads(reqs)
+        if media_base is not None:  # the MediaUrl0 of the requests name the sink's port
+            loads = Loads(reqs, loadgen.build_inbound_requests(
+                pool, PUBLIC_URL, AUTH_TOKEN, "requests-inbound", media_base), media_base)
+        header(opts, loads, sanity, ceiling, workdir)
+        if not any(targets.kind_of(t)[0] == "msgledger" for t in opts.targets):
+            print("  NOTE: msgledger not measured (not runnable or not selected): baselines only")
+        payload = run_modes(opts, loads, shim, workdir)
     print_checks(payload["checks"])
     print("  [all ] flat RSS over a million callbacks     not measured in this run: --million")
     payload |= {"options": asdict(opts), "sanity_commit_ms": sanity, "ceiling": ceiling,
-                "versions": versions(), "argv": sys.argv}
+                "versions": versions(), "argv": sys.argv, "media_base": loads.media_base}
     print(f"\nJSON: {write_json(payload, 'ingest')}")
-    cleanup(opts, workdir, reqs)
+    cleanup(opts, workdir, *loads.sets())
 
 
-def cleanup(opts: Options, workdir: Path, reqs: RequestSet) -> None:
+@contextmanager
+def media_server(opts: Options) -> Iterator[str | None]:
+    """When an inbound target runs: loadgen's C sink on a free port for the whole run, as
+    Twilio's API for the media fetcher (an empty 200 to every GET); its base URL."""
+    if not any(targets.load_of(t) == "inbound" for t in opts.targets):
+        yield None
+        return
+    port = targets.free_port()
+    sink = loadgen.start_sink(port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        sink.terminate()
+        sink.wait()
+
+
+def cleanup(opts: Options, workdir: Path, *request_sets: RequestSet) -> None:
     if opts.keep:
-        print(f"kept {workdir} and {reqs.bin}")
+        print(f"kept {workdir} and {', '.join(str(r.bin) for r in request_sets)}")
         return
     shutil.rmtree(workdir, ignore_errors=True)
-    reqs.bin.unlink(missing_ok=True)
-    reqs.idx.unlink(missing_ok=True)
+    for reqs in request_sets:
+        reqs.bin.unlink(missing_ok=True)
+        reqs.idx.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------ million
@@ -779,7 +894,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, argparse.Namespa
     p.add_argument("--warmup", type=int, default=2_000, help="warm-up requests (2000)")
     p.add_argument("--conns", type=int, default=64, help="keep-alive connections (64)")
     p.add_argument("--modes", default="fast,slow", help="disk modes: fast,slow")
-    p.add_argument("--targets", default="empty,naive,msgledger,msgledger-w2",
+    p.add_argument("--targets", default="empty,naive,msgledger,msgledger-w2,msgledger-inbound",
                    help=f"which servers, of {','.join(targets.TARGETS)}")
     p.add_argument("--delay-us", type=int, default=2_000, help="extra µs per fsync (2000)")
     p.add_argument("--paced", type=float, default=0.5,
@@ -840,6 +955,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--million: {args.million_target} is not runnable")
         if targets.proxy_of(args.million_target):
             raise SystemExit("--million drives one server with loadgen: no proxied target")
+        if targets.load_of(args.million_target) != "status":
+            raise SystemExit("--million drives status callbacks: no inbound target")
         million_run(opts, args.million_total, args.million_target)
     else:
         full_run(opts)

@@ -9,6 +9,10 @@ behind that proxy running the shipped deploy/ file, only its placeholders substi
 listen port, a throwaway self-signed certificate, the daemon's address): the generator then
 speaks TLS to the proxy, as Twilio does.
 
+An `-inbound` suffix (`msgledger-inbound`, `msgledger-w2-inbound`) is the same daemon driven
+with inbound messages (`POST /twilio/inbound`) instead of status callbacks; its Twilio API
+base URL is the caller's media server, so the media fetcher works during the run.
+
 All of them read `X-Twilio-Signature` against the same fixed public URL, so one set of
 pre-built requests serves every target and every port (as behind a reverse proxy).
 """
@@ -35,22 +39,57 @@ READY_TIMEOUT_S = 60.0  # msgledger may create its schema first
 STOP_TIMEOUT_S = 60.0  # a graceful drain commits what is in flight
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROXIES = ("nginx", "haproxy")
+LOADS = ("inbound",)  # a target name's suffix for a load other than status callbacks
 TARGETS = ("msgledger", "msgledger-w2", "msgledger-w3", "msgledger-nginx", "msgledger-w2-nginx",
-           "msgledger-haproxy", "msgledger-w2-haproxy", "naive", "empty", "empty-w2")
+           "msgledger-haproxy", "msgledger-w2-haproxy", "msgledger-inbound",
+           "msgledger-w2-inbound", "naive", "empty", "empty-w2")
+INBOUND_COUNT_SQL = "SELECT count(*) FROM journal WHERE kind = 'inbound_received'"
+# What the media fetcher did, from the journal: files declared by the inbound messages,
+# files archived and failures (all the store holds), files still due at the end.
+MEDIA_SQL = {
+    "declared": "SELECT coalesce(sum(json_array_length(data, '$.media')), 0) FROM journal"
+                " WHERE kind = 'inbound_received'",
+    "archived": "SELECT count(*) FROM journal WHERE kind = 'media_archived'",
+    "failed": "SELECT count(*) FROM journal WHERE kind = 'media_failed'",
+    "still_due": "SELECT count(*) FROM messages WHERE media_due IS NOT NULL",
+}
+# The same within a time window (the journal's `at`, ISO 8601 UTC): the measured run.
+MEDIA_WINDOW_SQL = {
+    "declared": "SELECT coalesce(sum(json_array_length(data, '$.media')), 0) FROM journal"
+                " WHERE kind = 'inbound_received' AND at BETWEEN ? AND ?",
+    "archived": "SELECT count(*) FROM journal WHERE kind = 'media_archived'"
+                " AND at BETWEEN ? AND ?",
+}
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def _suffix(name: str, choices: tuple[str, ...]) -> tuple[str, str | None]:
+    """`name` without its last `-part` when that part is one of `choices`, and the part."""
+    rest, _, last = name.rpartition("-")
+    return (rest, last) if rest and last in choices else (name, None)
 
 
 def proxy_of(name: str) -> str | None:
     """`msgledger-w2-nginx` -> "nginx": the proxy in front, or None."""
-    _, _, last = name.rpartition("-")
-    return last if last in PROXIES else None
+    return _suffix(name, PROXIES)[1]
+
+
+def load_of(name: str) -> str:
+    """`msgledger-w2-inbound` -> "inbound": what the target is driven with ("status":
+    status callbacks)."""
+    return _suffix(_suffix(name, PROXIES)[0], LOADS)[1] or "status"
+
+
+def status_twin(name: str) -> str:
+    """`msgledger-w2-inbound` -> `msgledger-w2`: the same target driven with status
+    callbacks (the name itself when it is one)."""
+    base, proxy = _suffix(name, PROXIES)
+    return _suffix(base, LOADS)[0] + (f"-{proxy}" if proxy else "")
 
 
 def kind_of(name: str) -> tuple[str, int]:
     """`msgledger-w2` -> ("msgledger", 2): the server and how many processes serve HTTP."""
-    proxy = proxy_of(name)
-    base = name.removesuffix(f"-{proxy}") if proxy else name
-    kind, _, workers = base.partition("-w")
+    kind, _, workers = _suffix(status_twin(name), PROXIES)[0].partition("-w")
     return kind, int(workers or 1)
 
 
@@ -123,8 +162,8 @@ def _command(name: str, port: int) -> list[str]:
     raise ValueError(name)
 
 
-def _target_env(name: str, port: int, workdir: Path, public_url: str,
-                token: str) -> tuple[dict[str, str], Path | None, str | None]:
+def _target_env(name: str, port: int, workdir: Path, public_url: str, token: str,
+                twilio_api: str | None) -> tuple[dict[str, str], Path | None, str | None]:
     kind, workers = kind_of(name)
     if kind == "msgledger":
         db = workdir / f"{name}.db"
@@ -135,6 +174,10 @@ def _target_env(name: str, port: int, workdir: Path, public_url: str,
             "MSGLEDGER_STORE_PATH": str(db),
             "MSGLEDGER_TWILIO_AUTH_TOKEN": token,
         }
+        if twilio_api is not None:  # where the media fetcher GETs the files
+            env["MSGLEDGER_TWILIO_API_BASE_URL"] = twilio_api
+        if load_of(name) == "inbound":  # the webhooks' rows, not the fetcher's
+            return env, db, INBOUND_COUNT_SQL
         return env, db, "SELECT count(*) FROM journal"
     if name == "naive":
         db = workdir / "naive.db"
@@ -144,12 +187,13 @@ def _target_env(name: str, port: int, workdir: Path, public_url: str,
 
 
 def start(name: str, workdir: Path, public_url: str, token: str, *,
-          preload: Path | None, delay_us: int) -> Target:
-    """Start `name` on a free port with its stdout in workdir/<name>.log; wait for ready."""
+          preload: Path | None, delay_us: int, twilio_api: str | None = None) -> Target:
+    """Start `name` on a free port with its stdout in workdir/<name>.log; wait for ready.
+    `twilio_api`: msgledger's Twilio API base URL (its media fetcher's origin)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = _base_env(preload, delay_us)
-    extra, db, count_sql = _target_env(name, port, workdir, public_url, token)
+    extra, db, count_sql = _target_env(name, port, workdir, public_url, token, twilio_api)
     env.update(extra)
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
@@ -336,11 +380,31 @@ def stop(target: Target) -> int | None:
 
 def stored_rows(target: Target) -> int | None:
     """Rows in the target's table after it stopped (None for the empty app)."""
-    if target.db_path is None or target.count_sql is None or not target.db_path.exists():
+    if target.count_sql is None:
         return None
+    found = _counts(target, {"rows": target.count_sql})
+    return found["rows"] if found else None
+
+
+def media_counts(target: Target, window: tuple[str, str]) -> dict[str, int]:
+    """What msgledger's media fetcher did, from its store after it stopped: MEDIA_SQL, and
+    MEDIA_WINDOW_SQL within `window` (two journal times) prefixed `run_`."""
+    found = _counts(target, MEDIA_SQL)
+    return found | {f"run_{k}": v for k, v in _counts(target, MEDIA_WINDOW_SQL, window).items()}
+
+
+def media_still_due(target: Target) -> int:
+    """Messages with a media file the fetcher has still to fetch, read while it runs."""
+    return _counts(target, {"due": MEDIA_SQL["still_due"]}).get("due", 0)
+
+
+def _counts(target: Target, queries: dict[str, str],
+            args: tuple[str, ...] = ()) -> dict[str, int]:
+    """Each query's one number, read-only from the target's store ({} without one)."""
+    if target.db_path is None or not target.db_path.exists():
+        return {}
     with sqlite3.connect(f"file:{target.db_path}?mode=ro", uri=True) as db:
-        row = db.execute(target.count_sql).fetchone()
-    return int(row[0])
+        return {key: int(db.execute(sql, args).fetchone()[0]) for key, sql in queries.items()}
 
 
 # ---------------------------------------------------------------- process-tree figures

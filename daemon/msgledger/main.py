@@ -33,7 +33,7 @@ from .http.api import ApiDeps, create_app
 from .http.server import Router, hypercorn_config, public_router, serve_admin, serve_http
 from .http.state import ServerState
 from .http.webhooks import webhook_receiver
-from .inbound.media import BUSY_WAITS, Busy, MediaConfig, MediaDeps, run_media_fetcher
+from .inbound.media import Backlog, MediaConfig, MediaDeps, run_media_fetcher
 from .journal import INTAKE_BUFFER, run_journal
 from .journal_client import JournalClient
 from .listeners import Listeners, hand_over, open_listeners, raise_descriptor_limit, url_of
@@ -107,7 +107,7 @@ async def _run_services(settings: Settings, listeners: Listeners, stop: trio.Eve
                     reconciler = _reconciler(settings, journal.clone(), api)
                     await services.start(reconciler.serve, stop)
                 fetcher = _media_fetcher(settings, metrics, journal, api, stop,
-                                         busy=lambda: len(deadlines) >= BUSY_WAITS)
+                                         backlog=lambda: inbox.statistics().current_buffer_used)
                 if fetcher is not None:
                     await services.start(fetcher)
                 router = _router(settings, state, metrics, journal.clone(), api, reconciler)
@@ -142,7 +142,7 @@ def _poller(settings: Settings, state: ServerState, metrics: Metrics, journal: J
 
 
 def _media_fetcher(settings: Settings, metrics: Metrics, journal: JournalClient,
-                   api: TwilioApi | None, stop: trio.Event, *, busy: Busy
+                   api: TwilioApi | None, stop: trio.Event, *, backlog: Backlog
                    ) -> partial[Coroutine[Any, Any, None]] | None:
     """The media fetcher, ready to start, when media are kept and an auth token can fetch
     them; it journals through a clone of `journal` and closes it at its end."""
@@ -152,7 +152,7 @@ def _media_fetcher(settings: Settings, metrics: Metrics, journal: JournalClient,
                          settings.twilio_api_base_url)
     deps = MediaDeps(journal=journal.clone(), reads=StoreReads(settings.store_path),
                      auth_token=settings.twilio_auth_token, metrics=metrics, clock=wall_clock,
-                     list_media=None if api is None else api.list_media, busy=busy)
+                     list_media=None if api is None else api.list_media, backlog=backlog)
     return partial(run_media_fetcher, stop, config=config, deps=deps)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ log = get_logger("msgledger.media")
 BACKOFF = (10.0, 60.0, 300.0, 1800.0, 3 * 3600.0, 8 * 3600.0)
 MAX_REDIRECTS = 3
 PAGE = 50  # messages read per pass
-BUSY_WAITS = 8  # producers waiting on the journal at once: webhooks are queueing
+BUSY_WAITS = 8  # others' events waiting for the journal to take them: webhooks queue
 PAUSE = 0.1  # seconds between passes while there is work: batches the store's reads
 NOT_JOURNALED_PAUSE = 30.0  # seconds before a file whose outcome was not journaled is retried
 MEDIA_TRUNCATED = "media_truncated"  # the record's flag: a file over store.max_media_bytes
@@ -68,7 +69,7 @@ class Fetched:
 
 # An outbound message's media at Twilio: the URLs of its Media list, in its order.
 ListMedia = Callable[[str], Awaitable[list[str]]]
-Busy = Callable[[], bool]  # whether webhooks are waiting on the journal right now
+Backlog = Callable[[], int]  # events waiting in the journal's intake right now
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class MediaDeps:
     metrics: Metrics
     clock: Clock
     list_media: ListMedia | None  # None: no REST credentials, outbound media stays pending
-    busy: Busy  # the journal is taken by webhooks: no fetch starts
+    backlog: Backlog  # the journal's intake: while others' events queue, no fetch starts
 
 
 async def run_media_fetcher(stop: trio.Event, *, config: MediaConfig, deps: MediaDeps,
@@ -114,6 +115,10 @@ class _Fetcher:
         self.http: httpx.AsyncClient | None = None
         self._limiter = trio.CapacityLimiter(config.concurrency)
         self._in_flight: set[tuple[str, int]] = set()
+        self._journaling = 0  # of the intake's backlog, this fetcher's own events
+        # Files settled since a read began: that read may still list them as due (its
+        # snapshot predates the commit), and they must not be fetched twice. By Trio time.
+        self._settled: dict[tuple[str, int], float] = {}
         self._origin = origin(config.api_base_url)
         # Files fetched whose outcome the journal did not take: not fetched again before
         # this Trio time, so a failing journal does not bring a download every pass.
@@ -125,8 +130,14 @@ class _Fetcher:
         journal (`busy`) no fetch starts: their answers are due within seconds, a file's
         within hours, and the backlog drains once the burst is over."""
         while True:
-            started = 0 if self.deps.busy() else self._start(await self._due(), nursery)
+            read_at = trio.current_time()
+            started = 0 if self._busy() else self._start(await self._due(), read_at, nursery)
+            self._settled = {k: t for k, t in self._settled.items() if t >= read_at}
             await trio.sleep(PAUSE if started or self._in_flight else self.config.interval)
+
+    def _busy(self) -> bool:
+        """Whether other producers' events (webhooks, above all) queue for the journal."""
+        return self.deps.backlog() - self._journaling >= BUSY_WAITS
 
     async def _due(self) -> list[store.MediaWork]:
         try:
@@ -135,12 +146,14 @@ class _Fetcher:
             log.error("media_store_unreadable", error=str(error))
             return []
 
-    def _start(self, work: list[store.MediaWork], nursery: trio.Nursery) -> int:
+    def _start(self, work: list[store.MediaWork], read_at: float,
+               nursery: trio.Nursery) -> int:
         started, now = 0, trio.current_time()
         for message in work:
             for item in message.due:
                 key = (message.sid, item.n)
-                if key not in self._in_flight and self._not_before.get(key, 0) <= now:
+                if (key not in self._in_flight and self._not_before.get(key, 0) <= now
+                        and self._settled.get(key, -math.inf) < read_at):
                     self._not_before.pop(key, None)
                     self._in_flight.add(key)
                     nursery.start_soon(self._fetch_one, message, item)
@@ -160,7 +173,9 @@ class _Fetcher:
                                                    f"{type(error).__name__}: {error}"[:300])
                 else:
                     journaled = await self._archived(message.sid, item, fetched)
-            if not journaled:
+            if journaled:
+                self._settled[(message.sid, item.n)] = trio.current_time()
+            else:
                 self._not_before[(message.sid, item.n)] = trio.current_time() + NOT_JOURNALED_PAUSE
         finally:
             self._in_flight.discard((message.sid, item.n))
@@ -255,7 +270,11 @@ class _Fetcher:
         return True
 
     async def _journal(self, event: Event) -> bool:
-        ack = await self.deps.journal.journal(event)
+        self._journaling += 1
+        try:
+            ack = await self.deps.journal.journal(event)
+        finally:
+            self._journaling -= 1
         if isinstance(ack, JournalUnavailable):  # the file stays pending: tried again
             log.warning("media_not_journaled", sid=event.sid, error=str(ack))
             return False
