@@ -44,12 +44,21 @@ def answering(status: int, body: str, content_type: str = "application/json") ->
     return app
 
 
+async def serve_on_loopback(nursery: trio.Nursery, app: Any) -> str:
+    """`app` served by hypercorn on 127.0.0.1:<a free port> until `nursery` is cancelled;
+    its base URL."""
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0
+    [bound] = await nursery.start(partial(serve, app, config,
+                                          shutdown_trigger=trio.sleep_forever))
+    return str(bound)
+
+
 @asynccontextmanager
 async def fake_twilio(app: Any) -> AsyncIterator[str]:
     """`app` served by hypercorn on 127.0.0.1; yields its base URL."""
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
     async with trio.open_nursery() as nursery:
-        [bound] = await nursery.start(partial(serve, app, config))
-        yield bound
+        yield await serve_on_loopback(nursery, app)
         nursery.cancel_scope.cancel()

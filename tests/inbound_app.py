@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from msgledger.http.server import answer_lifespan
 
-from .asgi import read_body
+from .fake_twilio import read_body, serve_on_loopback
 
 
 @dataclass(frozen=True)
@@ -69,12 +66,6 @@ async def never_answering(_: AppRequest) -> AppAnswer:
 
 async def start_app(nursery: trio.Nursery, answer: Answer, path: str = "/sms") -> App:
     """An app on 127.0.0.1:<free port>, served until `nursery` is cancelled."""
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.graceful_timeout = 0
     app = App("", answer)
-    [bound] = await nursery.start(partial(serve, app, config,  # type: ignore[arg-type]
-                                          shutdown_trigger=trio.sleep_forever))
-    app.url = bound + path
+    app.url = await serve_on_loopback(nursery, app) + path
     return app

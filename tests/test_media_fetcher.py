@@ -133,8 +133,10 @@ async def test_a_failed_file_is_tried_again_after_its_back_off(tmp_path: Path) -
 
 
 async def test_every_file_is_fetched_once(tmp_path: Path) -> None:
-    """Many files at once: each fetched and journaled once, though a pass's read may list
-    a file whose archive has just been committed."""
+    """Many files at once: each fetched and journaled once. The race behind it (a pass's
+    read listing a file whose archive was just committed) needs slower commits than this
+    machine's to show: the bench showed it (bench/README.md, "After the first
+    measurement"); this test keeps the property."""
     with trio.fail_after(20):
         async with rig(tmp_path, interval=0.01) as r:
             sids = []

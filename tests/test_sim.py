@@ -13,15 +13,12 @@ from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
 import requests
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator
@@ -43,7 +40,7 @@ from msgledger.sim import (
 from msgledger.sim._app import handle_api
 from msgledger.sim._http import Request
 
-from .asgi import read_body
+from .fake_twilio import read_body, serve_on_loopback
 
 ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "sim-test-token"
@@ -116,10 +113,7 @@ class Receiver:
 async def receiver(nursery: trio.Nursery) -> Receiver:
     """A running callback receiver on 127.0.0.1, stopped with the test."""
     app = Receiver()
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
-    app.base_url = binds[0]
+    app.base_url = await serve_on_loopback(nursery, app)
     return app
 
 

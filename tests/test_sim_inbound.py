@@ -14,15 +14,12 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from twilio.request_validator import RequestValidator
 
 from msgledger.http.server import answer_lifespan
@@ -37,7 +34,7 @@ from msgledger.sim import (
 from msgledger.sim._app import handle_api
 from msgledger.sim._http import Request
 
-from .asgi import read_body
+from .fake_twilio import read_body, serve_on_loopback
 from .test_sim import (
     ACCOUNT_SID,
     AUTH_TOKEN,
@@ -121,10 +118,7 @@ class App:
 async def app(nursery: trio.Nursery) -> App:
     """The app on 127.0.0.1, stopped with the test."""
     it = App()
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    binds = await nursery.start(partial(serve, it, config, shutdown_trigger=trio.sleep_forever))
-    it.base_url = binds[0]
+    it.base_url = await serve_on_loopback(nursery, it)
     return it
 
 
