@@ -187,7 +187,12 @@ async def test_a_run_that_loses_its_store_fails_and_the_daemon_goes_on(tmp_path:
             ledger.store_path.unlink()
             sim.throttle(requests=0)
             report = await run_ended(ledger, run_id)
+            # The report shows the end before its journaling, the commit that finds the
+            # store gone, has finished: /healthz says so once it has.
             health = await ledger.client.get("/healthz")
+            while health.status_code == 200:  # nothing in this process is told when it turns
+                await trio.sleep(0.05)
+                health = await ledger.client.get("/healthz")
     assert report["status"] == "failed" and report["reason"]
     assert health.status_code == 503
 
