@@ -24,6 +24,7 @@ from msgledger.sim import NewInbound, SimKnobs, Simulator, serve_sim
 from msgledger.store_reads import StoreReads
 
 from .conftest import ACCOUNT_SID, AUTH_TOKEN
+from .test_conversation_store import record
 
 FAST = dict(interval=0.05, backoff=(0.2,))  # passes and a retry a test can wait for
 
@@ -41,13 +42,18 @@ class Rig:
         return self.backlog
 
     def record(self, sid: str) -> store.Record:
-        conn = store.connect(str(self.path), readonly=True)
-        try:
-            found = store.find_record(conn, sid)
-            assert found is not None
-            return found
-        finally:
-            conn.close()
+        return record(self.path, sid)
+
+    async def mms(self) -> str:
+        """A customer's MMS, one file at the simulator, journaled as its webhook would be;
+        its SID."""
+        report = await self.sim.receive_inbound(NewInbound(
+            "+15558675310", "+15005550006", "x", media=(("image/png", b"PNG"),),
+            deliver=False))
+        url = (f"{self.sim.base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/"
+               f"{report.sid}/Media/{self.sim.messages[report.sid].media[0].sid}")
+        await self.receive(url, report.sid)
+        return report.sid
 
     async def receive(self, media_url: str, sid: str) -> None:
         """Journal an inbound MMS as the webhook would, one file at `media_url`."""
@@ -99,17 +105,12 @@ async def test_no_fetch_starts_while_webhooks_queue(tmp_path: Path) -> None:
     with trio.fail_after(20):
         async with rig(tmp_path, **FAST) as r:
             r.backlog = 50  # others' events queue for the journal
-            report = await r.sim.receive_inbound(NewInbound(
-                "+15558675310", "+15005550006", "x", media=(("image/png", b"PNG"),),
-                deliver=False))
-            url = (f"{r.sim.base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/"
-                   f"{report.sid}/Media/{r.sim.messages[report.sid].media[0].sid}")
-            await r.receive(url, report.sid)
+            sid = await r.mms()
             asked = r.backlog_asked
             await until(lambda: r.backlog_asked >= asked + 5)  # five passes, all told busy
             fetched_while_busy = r.sim.stats.media_fetches
             r.backlog = 0
-            await until(lambda: r.record(report.sid)["media"][0]["state"] == "archived")
+            await until(lambda: r.record(sid)["media"][0]["state"] == "archived")
     assert fetched_while_busy == 0
     assert r.sim.stats.media_fetches == 1
 
@@ -139,15 +140,7 @@ async def test_every_file_is_fetched_once(tmp_path: Path) -> None:
     measurement"); this test keeps the property."""
     with trio.fail_after(20):
         async with rig(tmp_path, interval=0.01) as r:
-            sids = []
-            for _ in range(40):
-                report = await r.sim.receive_inbound(NewInbound(
-                    "+15558675310", "+15005550006", "x", media=(("image/png", b"PNG"),),
-                    deliver=False))
-                url = (f"{r.sim.base_url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/"
-                       f"{report.sid}/Media/{r.sim.messages[report.sid].media[0].sid}")
-                await r.receive(url, report.sid)
-                sids.append(report.sid)
+            sids = [await r.mms() for _ in range(40)]
             await until(lambda: all(r.record(s)["media"][0]["state"] == "archived"
                                     for s in sids))
             archived = [h for s in sids for h in r.record(s)["history"]
